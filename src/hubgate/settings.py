@@ -1,0 +1,189 @@
+"""One frozen settings object, built once from the environment.
+
+Nothing else in hubgate reads ``os.environ``: ``Settings.from_env(environ)`` is called by the
+CLI and the result is handed to everything that needs configuration. Every variable is
+documented in ``docs/configuration.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+FailureMode = Literal["closed", "local"]
+
+PREFIX = "HUBGATE_"
+
+
+class SettingsError(ValueError):
+    """A configuration variable has a value that cannot be used."""
+
+
+def _str(env: Mapping[str, str], name: str, default: str | None) -> str | None:
+    value = env.get(PREFIX + name)
+    if value is None or value.strip() == "":
+        return default
+    return value.strip()
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = _str(env, name, None)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{PREFIX}{name} must be an integer, got {raw!r}") from exc
+    if value < minimum:
+        raise SettingsError(f"{PREFIX}{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = _str(env, name, None)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{PREFIX}{name} must be a number, got {raw!r}") from exc
+    if value < minimum:
+        raise SettingsError(f"{PREFIX}{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _list(env: Mapping[str, str], name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+    raw = _str(env, name, None)
+    if raw is None:
+        return default
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = _str(env, name, None)
+    if raw is None:
+        return default
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{PREFIX}{name} must be true or false, got {raw!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything hubgate can be told, with production defaults."""
+
+    # Network
+    host: str = "127.0.0.1"
+    port: int = 8080
+    log_level: str = "info"
+
+    # Bedrock
+    aws_region: str = "us-east-1"
+    bedrock_endpoint_url: str | None = None  # None: the real regional Bedrock endpoint
+    upstream_connect_timeout: float = 5.0
+    upstream_read_timeout: float = 60.0
+    upstream_max_attempts: int = 1  # botocore attempts; 1 = no hidden retries of a 429
+
+    # JWT
+    jwt_hs256_secret: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_client_id: str | None = None
+    jwt_algorithms: tuple[str, ...] = ("RS256", "ES256")
+    jwt_leeway_seconds: float = 30.0
+    tenant_claim: str = "custom:tenant_id"
+    user_claim: str = "sub"
+
+    # Tenants
+    tenants_file: str | None = None  # None: the demo tenants shipped in the package
+
+    # WebSocket endpoint
+    allowed_origins: tuple[str, ...] = ()  # empty: any Origin (and none) is accepted
+    max_message_bytes: int = 64 * 1024
+    max_streams_per_connection: int = 4
+    auth_timeout_seconds: float = 5.0
+    ping_interval_seconds: float = 20.0
+    ping_timeout_seconds: float = 20.0
+    auth_expiry_warning_seconds: float = 60.0
+
+    # Rate limits
+    redis_url: str | None = None  # None: in-memory limiter (one process)
+    rate_limit_failure_mode: FailureMode = "local"
+    expected_instances: int = 2
+    redis_timeout_ms: int = 50
+    redis_max_connections: int = 64
+    lease_ttl_seconds: float = 30.0
+    instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    # Emulator used by `hubgate dev` and the tests (never by production)
+    emulator_ttft_ms: float = 0.0
+    emulator_token_delay_ms: float = 0.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Build settings from ``HUBGATE_*`` variables; raise SettingsError on a bad value."""
+        env = environ
+        defaults = cls()
+        mode = _str(env, "RATE_LIMIT_FAILURE_MODE", defaults.rate_limit_failure_mode)
+        if mode not in ("closed", "local"):
+            raise SettingsError(f"{PREFIX}RATE_LIMIT_FAILURE_MODE must be 'closed' or 'local', got {mode!r}")
+        algorithms = _list(env, "JWT_ALGORITHMS", defaults.jwt_algorithms)
+        for alg in algorithms:
+            if alg.lower() == "none":
+                raise SettingsError(f"{PREFIX}JWT_ALGORITHMS may not contain 'none'")
+        return cls(
+            host=_str(env, "HOST", defaults.host) or defaults.host,
+            port=_int(env, "PORT", defaults.port, minimum=0),
+            log_level=(_str(env, "LOG_LEVEL", defaults.log_level) or defaults.log_level).lower(),
+            aws_region=_str(env, "AWS_REGION", defaults.aws_region) or defaults.aws_region,
+            bedrock_endpoint_url=_str(env, "BEDROCK_ENDPOINT_URL", None),
+            upstream_connect_timeout=_float(env, "UPSTREAM_CONNECT_TIMEOUT", defaults.upstream_connect_timeout),
+            upstream_read_timeout=_float(env, "UPSTREAM_READ_TIMEOUT", defaults.upstream_read_timeout),
+            upstream_max_attempts=_int(env, "UPSTREAM_MAX_ATTEMPTS", defaults.upstream_max_attempts, 1),
+            jwt_hs256_secret=_str(env, "JWT_HS256_SECRET", None),
+            jwt_jwks_url=_str(env, "JWT_JWKS_URL", None),
+            jwt_issuer=_str(env, "JWT_ISSUER", None),
+            jwt_audience=_str(env, "JWT_AUDIENCE", None),
+            jwt_client_id=_str(env, "JWT_CLIENT_ID", None),
+            jwt_algorithms=algorithms,
+            jwt_leeway_seconds=_float(env, "JWT_LEEWAY_SECONDS", defaults.jwt_leeway_seconds),
+            tenant_claim=_str(env, "TENANT_CLAIM", defaults.tenant_claim) or defaults.tenant_claim,
+            user_claim=_str(env, "USER_CLAIM", defaults.user_claim) or defaults.user_claim,
+            tenants_file=_str(env, "TENANTS_FILE", None),
+            allowed_origins=_list(env, "ALLOWED_ORIGINS"),
+            max_message_bytes=_int(env, "MAX_MESSAGE_BYTES", defaults.max_message_bytes, 1024),
+            max_streams_per_connection=_int(
+                env, "MAX_STREAMS_PER_CONNECTION", defaults.max_streams_per_connection, 1
+            ),
+            auth_timeout_seconds=_float(env, "AUTH_TIMEOUT_SECONDS", defaults.auth_timeout_seconds),
+            ping_interval_seconds=_float(env, "PING_INTERVAL_SECONDS", defaults.ping_interval_seconds),
+            ping_timeout_seconds=_float(env, "PING_TIMEOUT_SECONDS", defaults.ping_timeout_seconds),
+            auth_expiry_warning_seconds=_float(
+                env, "AUTH_EXPIRY_WARNING_SECONDS", defaults.auth_expiry_warning_seconds
+            ),
+            redis_url=_str(env, "REDIS_URL", None),
+            rate_limit_failure_mode=mode,  # type: ignore[arg-type]
+            expected_instances=_int(env, "EXPECTED_INSTANCES", defaults.expected_instances, 1),
+            redis_timeout_ms=_int(env, "REDIS_TIMEOUT_MS", defaults.redis_timeout_ms, 1),
+            redis_max_connections=_int(env, "REDIS_MAX_CONNECTIONS", defaults.redis_max_connections, 1),
+            lease_ttl_seconds=_float(env, "LEASE_TTL_SECONDS", defaults.lease_ttl_seconds, 1.0),
+            instance_id=_str(env, "INSTANCE_ID", None) or defaults.instance_id,
+            emulator_ttft_ms=_float(env, "EMULATOR_TTFT_MS", defaults.emulator_ttft_ms),
+            emulator_token_delay_ms=_float(env, "EMULATOR_TOKEN_DELAY_MS", defaults.emulator_token_delay_ms),
+        )
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some fields changed (used by the CLI flags and the tests)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def env_names(cls) -> frozenset[str]:
+        """Every environment variable name this object reads."""
+        return frozenset(PREFIX + f.name.upper() for f in dataclasses.fields(cls))
