@@ -122,6 +122,15 @@ class Settings:
     lease_ttl_seconds: float = 30.0
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
+    # Sessions, resumable streams, drain
+    session_ttl_seconds: float = 3600.0
+    session_max_turns: int = 50
+    session_max_tokens: int = 16000
+    resume_ttl_seconds: float = 300.0
+    resume_max_frames: int = 10000
+    stream_grace_seconds: float = 30.0
+    drain_seconds: float = 90.0
+
     # Emulator used by `hubgate dev` and the tests (never by production)
     emulator_ttft_ms: float = 0.0
     emulator_token_delay_ms: float = 0.0
@@ -175,6 +184,13 @@ class Settings:
             redis_max_connections=_int(env, "REDIS_MAX_CONNECTIONS", defaults.redis_max_connections, 1),
             lease_ttl_seconds=_float(env, "LEASE_TTL_SECONDS", defaults.lease_ttl_seconds, 1.0),
             instance_id=_str(env, "INSTANCE_ID", None) or defaults.instance_id,
+            session_ttl_seconds=_float(env, "SESSION_TTL_SECONDS", defaults.session_ttl_seconds, 1.0),
+            session_max_turns=_int(env, "SESSION_MAX_TURNS", defaults.session_max_turns, 1),
+            session_max_tokens=_int(env, "SESSION_MAX_TOKENS", defaults.session_max_tokens, 1),
+            resume_ttl_seconds=_float(env, "RESUME_TTL_SECONDS", defaults.resume_ttl_seconds, 1.0),
+            resume_max_frames=_int(env, "RESUME_MAX_FRAMES", defaults.resume_max_frames, 16),
+            stream_grace_seconds=_float(env, "STREAM_GRACE_SECONDS", defaults.stream_grace_seconds),
+            drain_seconds=_float(env, "DRAIN_SECONDS", defaults.drain_seconds),
             emulator_ttft_ms=_float(env, "EMULATOR_TTFT_MS", defaults.emulator_ttft_ms),
             emulator_token_delay_ms=_float(env, "EMULATOR_TOKEN_DELAY_MS", defaults.emulator_token_delay_ms),
         )
