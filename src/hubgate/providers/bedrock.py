@@ -1,0 +1,181 @@
+"""Amazon Bedrock ConverseStream through aioboto3.
+
+One long-lived client per route, created at start-up (never per request). botocore and
+aiohttp exception types stop here: everything that leaves this module is a
+``hubgate.errors.UpstreamError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aioboto3
+import aiohttp
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EventStreamError,
+    ReadTimeoutError,
+)
+
+from hubgate.errors import UpstreamError, UpstreamThrottled, UpstreamTimeout
+from hubgate.providers.base import Completion, ProviderRequest
+
+log = logging.getLogger("hubgate.bedrock")
+
+# Error codes Bedrock uses for capacity and quota refusals, before the stream and inside it
+# (exception frames use lower camel case). See the ConverseStream API reference, "Errors".
+_THROTTLE_CODES = frozenset(
+    {
+        "ThrottlingException",
+        "throttlingException",
+        "ServiceQuotaExceededException",
+        "serviceQuotaExceededException",
+        "TooManyRequestsException",
+        "ServiceUnavailableException",
+        "serviceUnavailableException",
+    }
+)
+_TIMEOUT_CODES = frozenset({"ModelTimeoutException", "modelTimeoutException"})
+
+
+def map_error_code(code: str, status: int | None = None) -> UpstreamError:
+    """Translate a Bedrock error code (HTTP or event-stream exception) into the gateway's error.
+
+    Bedrock's own message is not passed on: it can name accounts, ARNs and quotas.
+    """
+    if code in _THROTTLE_CODES or status == 429:
+        return UpstreamThrottled(f"Bedrock is throttling requests ({code})")
+    if code in _TIMEOUT_CODES:
+        return UpstreamTimeout(f"the model timed out ({code})")
+    return UpstreamError(f"Bedrock refused the request ({code or status or 'unknown error'})")
+
+
+def converse_arguments(request: ProviderRequest) -> dict[str, Any]:
+    """The ConverseStream keyword arguments for a request (pure)."""
+    inference: dict[str, Any] = {"maxTokens": request.max_tokens}
+    if request.temperature is not None:
+        inference["temperature"] = request.temperature
+    if request.top_p is not None:
+        inference["topP"] = request.top_p
+    if request.stop:
+        inference["stopSequences"] = list(request.stop)
+    kwargs: dict[str, Any] = {
+        "modelId": request.model,
+        "messages": [{"role": turn.role, "content": [{"text": turn.content}]} for turn in request.messages],
+        "inferenceConfig": inference,
+    }
+    if request.system:
+        kwargs["system"] = [{"text": request.system}]
+    return kwargs
+
+
+class BedrockProvider:
+    """A provider that streams from Bedrock runtime (or anything that speaks its wire format)."""
+
+    def __init__(
+        self,
+        *,
+        region: str,
+        endpoint_url: str | None,
+        connect_timeout: float,
+        read_timeout: float,
+        max_attempts: int,
+        max_pool_connections: int = 256,
+        credentials: tuple[str, str] | None = None,
+    ) -> None:
+        self._region = region
+        self._endpoint_url = endpoint_url
+        # botocore's default retry mode retries a 429 several times with its own backoff, hiding
+        # throttling from the limiter and stretching time to first token; attempts are explicit.
+        self._config = Config(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            max_pool_connections=max_pool_connections,
+            tcp_keepalive=True,
+        )
+        self._credentials = credentials
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+
+    async def start(self) -> None:
+        """Create the long-lived client (and its connection pool)."""
+        if self._credentials is not None:
+            session = aioboto3.Session(
+                aws_access_key_id=self._credentials[0], aws_secret_access_key=self._credentials[1]
+            )
+        else:
+            session = aioboto3.Session()
+        self._client = await self._stack.enter_async_context(
+            session.client(
+                "bedrock-runtime",
+                region_name=self._region,
+                endpoint_url=self._endpoint_url,
+                config=self._config,
+            )
+        )
+
+    async def aclose(self) -> None:
+        await self._stack.aclose()
+        self._client = None
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[str | Completion]:
+        if self._client is None:
+            raise UpstreamError("the Bedrock client is not started")
+        try:
+            response = await self._client.converse_stream(**converse_arguments(request))
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            raise map_error_code(str(error.get("Code", "")), status) from exc
+        except (ReadTimeoutError, ConnectTimeoutError, asyncio.TimeoutError) as exc:
+            raise UpstreamTimeout("Bedrock did not answer in time") from exc
+        except (BotoCoreError, aiohttp.ClientError) as exc:
+            raise UpstreamError("cannot reach Bedrock") from exc
+
+        events = response["stream"]
+        stop_reason: str | None = None
+        try:
+            async for event in events:
+                delta = event.get("contentBlockDelta")
+                if delta is not None:
+                    text = delta["delta"].get("text")
+                    if text:
+                        yield text
+                    continue
+                stop = event.get("messageStop")
+                if stop is not None:
+                    stop_reason = stop.get("stopReason", "end_turn")
+                    continue
+                metadata = event.get("metadata")
+                if metadata is not None:
+                    usage = metadata.get("usage", {})
+                    if stop_reason is None:
+                        break
+                    yield Completion(
+                        stop_reason=stop_reason,
+                        input_tokens=int(usage.get("inputTokens", 0)),
+                        output_tokens=int(usage.get("outputTokens", 0)),
+                    )
+                    return
+            # Bedrock always ends a good stream with messageStop then metadata; anything less
+            # is a connection that broke, not a normal end.
+            raise UpstreamError("the model stream ended before it was complete")
+        except EventStreamError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            raise map_error_code(code) from exc
+        except (ReadTimeoutError, asyncio.TimeoutError) as exc:
+            raise UpstreamTimeout("the model stream stalled") from exc
+        except (BotoCoreError, aiohttp.ClientError) as exc:
+            raise UpstreamError("the model stream broke off") from exc
+        finally:
+            # Closing the aiohttp response drops the upstream connection at once, so a cancelled
+            # gateway stream stops consuming (and paying for) tokens.
+            events.close()
