@@ -1,0 +1,3 @@
+from hubgate.cli import main
+
+raise SystemExit(main())
