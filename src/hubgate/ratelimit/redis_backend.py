@@ -1,0 +1,378 @@
+"""The shared limiter: state in Redis, every decision one Lua script run with EVALSHA.
+
+One round trip per call, and each script is atomic, so gateway processes sharing a Redis never
+race each other. The scripts repeat ``hubgate.ratelimit.buckets`` (and the decision order of
+``hubgate.ratelimit.memory``) in Lua; the two must agree, and the parity tests run both on the
+same inputs. Things the scripts deliberately avoid:
+
+* ``redis.call('TIME')``: ElastiCache Serverless refuses it, and the caller's clock is the one
+  the buckets must follow anyway (``now`` is passed in; the bucket never goes backwards).
+* keys outside one tenant's hash tag: a script's keys must share a slot in cluster mode.
+* floating-point state: levels and times are integers (see ``buckets``), stored as decimal strings.
+
+This is the bare adapter: redis-py errors propagate. The gateway uses it through
+``ResilientLimiter``, which owns timeouts, retries, the breaker and the fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+from hubgate.errors import TooManyConnections
+from hubgate.ratelimit.base import (
+    Admission,
+    Rate,
+    Snapshot,
+    Verdict,
+    build_admission,
+    build_snapshot,
+    rates,
+    refusal,
+    refuse_closed_connections,
+    refuse_closed_doors,
+    tenant_keys,
+    validate_counts,
+)
+from hubgate.ratelimit.buckets import UNITS_PER_TOKEN, Bucket, to_ms
+from hubgate.ratelimit.policy import LimitPolicy
+
+# A bucket key expires this long after the bucket would be full again. Expiring exactly then
+# would be correct for one clock; the slack covers gateways whose clocks run slightly behind,
+# so none of them sees a key vanish while its own arithmetic still says "not yet full".
+BUCKET_SLACK_MS = 1000
+
+# Lease sets are kept for twice the lease TTL after their last write: every member expires
+# within one TTL of it by its writer's clock, and the margin absorbs clock skew.
+LEASE_KEY_FACTOR = 2
+
+# Lua versions of buckets.ceil_div, refill, wait_ms, and the store that bounds a key's life.
+LUA_BUCKETS = f"""
+local U = {UNITS_PER_TOKEN}
+
+-- Exact ceiling of a / b for integers below 2^53 (the division itself may round).
+local function ceil_div(a, b)
+  local q = math.floor(a / b)
+  while q * b < a do q = q + 1 end
+  while q > 0 and (q - 1) * b >= a do q = q - 1 end
+  return q
+end
+
+-- buckets.refill: the level (units) as of max(now, stored time); a missing key is a full bucket.
+local function refill(key, burst, rate, now)
+  local cap = burst * U
+  local v = redis.call('HMGET', key, 'l', 't')
+  if not v[1] then return cap, now end
+  local level, at = tonumber(v[1]), tonumber(v[2])
+  local t = math.max(now, at)
+  level = level + (t - at) * rate
+  if level > cap then level = cap end
+  return level, t
+end
+
+-- buckets.wait_ms
+local function wait_ms(level, need, rate)
+  if level >= need then return 0 end
+  return ceil_div(need - level, rate)
+end
+
+local function store(key, level, t, burst, rate)
+  redis.call('HSET', key, 'l', string.format('%d', level), 't', string.format('%d', t))
+  redis.call('PEXPIRE', key, wait_ms(level, burst * U, rate) + {BUCKET_SLACK_MS})
+end
+"""
+
+# KEYS: requests, user requests, tokens, streams.
+# ARGV: now_ms, lease, lease_ttl_ms, lease_key_ttl_ms, max_streams (-1: unlimited),
+#       request burst, rate, user burst, rate, token burst, rate (burst 0: bucket not in use),
+#       estimate_tokens.
+# Returns {verdict, wait_ms, request level, user level, token level}; see base.Verdict.
+ADMIT_LUA = (
+    LUA_BUCKETS
+    + """
+local now = tonumber(ARGV[1])
+local lease = ARGV[2]
+local expiry = string.format('%d', now + tonumber(ARGV[3]))
+local key_ttl = ARGV[4]
+local max_streams = tonumber(ARGV[5])
+local estimate = tonumber(ARGV[12])
+local spec = {
+  {KEYS[1], tonumber(ARGV[6]), tonumber(ARGV[7]), 1, 2},
+  {KEYS[2], tonumber(ARGV[8]), tonumber(ARGV[9]), 1, 3},
+  {KEYS[3], tonumber(ARGV[10]), tonumber(ARGV[11]), estimate, 4},
+}
+local levels, ats = {0, 0, 0}, {0, 0, 0}
+
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[1])
+if redis.call('ZSCORE', KEYS[4], lease) then
+  -- A retry whose first attempt was applied: renew the lease, charge nothing.
+  redis.call('ZADD', KEYS[4], 'XX', expiry, lease)
+  redis.call('PEXPIRE', KEYS[4], key_ttl)
+  for i, b in ipairs(spec) do
+    if b[2] > 0 then levels[i] = refill(b[1], b[2], b[3], now) end
+  end
+  return {0, 0, levels[1], levels[2], levels[3]}
+end
+if max_streams >= 0 and redis.call('ZCARD', KEYS[4]) >= max_streams then
+  return {1, 0, 0, 0, 0}
+end
+
+-- Check every bucket before charging any: all or nothing. Report the longest wait.
+local verdict, longest = 0, 0
+for i, b in ipairs(spec) do
+  if b[2] > 0 then
+    levels[i], ats[i] = refill(b[1], b[2], b[3], now)
+    local w = wait_ms(levels[i], math.min(b[4], b[2]) * U, b[3])
+    if w > longest then verdict, longest = b[5], w end
+  end
+end
+if verdict ~= 0 then return {verdict, longest, 0, 0, 0} end
+
+for i, b in ipairs(spec) do
+  if b[2] > 0 then
+    levels[i] = levels[i] - b[4] * U
+    store(b[1], levels[i], ats[i], b[2], b[3])
+  end
+end
+redis.call('ZADD', KEYS[4], expiry, lease)
+redis.call('PEXPIRE', KEYS[4], key_ttl)
+return {0, 0, levels[1], levels[2], levels[3]}
+"""
+)
+
+# KEYS: tokens, streams. ARGV: now_ms, lease, token burst (0: not in use), token rate, delta tokens.
+# Returns 1 when the lease was live and settled, 0 when it was already gone (settled or expired).
+SETTLE_LUA = (
+    LUA_BUCKETS
+    + """
+local now = tonumber(ARGV[1])
+local score = redis.call('ZSCORE', KEYS[2], ARGV[2])
+if not score then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[2])
+if tonumber(score) <= now then return 0 end
+local burst, rate, delta = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+if burst > 0 and delta ~= 0 then
+  local level, t = refill(KEYS[1], burst, rate, now)
+  level = level + delta * U
+  if level > burst * U then level = burst * U end
+  store(KEYS[1], level, t, burst, rate)
+end
+return 1
+"""
+)
+
+# KEYS: connections. ARGV: now_ms, lease, lease_ttl_ms, lease_key_ttl_ms, max (-1: unlimited).
+# Returns 1 when the lease is held (new or already held), 0 when the cap refuses it.
+ACQUIRE_LUA = """
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local max = tonumber(ARGV[5])
+if max >= 0 and not redis.call('ZSCORE', KEYS[1], ARGV[2]) and redis.call('ZCARD', KEYS[1]) >= max then
+  return 0
+end
+redis.call('ZADD', KEYS[1], string.format('%d', now + tonumber(ARGV[3])), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# KEYS: connections, streams. ARGV: now_ms, lease_ttl_ms, lease_key_ttl_ms, lease...
+# Extends leases still live in either set; never re-adds one that was released or expired.
+RENEW_LUA = """
+local now = tonumber(ARGV[1])
+local expiry = string.format('%d', now + tonumber(ARGV[2]))
+local renewed = 0
+for k = 1, 2 do
+  redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', ARGV[1])
+  local here = 0
+  for i = 4, #ARGV do
+    if redis.call('ZSCORE', KEYS[k], ARGV[i]) then
+      redis.call('ZADD', KEYS[k], 'XX', expiry, ARGV[i])
+      here = here + 1
+    end
+  end
+  if here > 0 then redis.call('PEXPIRE', KEYS[k], ARGV[3]) end
+  renewed = renewed + here
+end
+return renewed
+"""
+
+# KEYS: requests, tokens, connections, streams. ARGV: now_ms, request burst, rate, token burst, rate.
+# Read only. Returns {request level, token level, live connections, live streams}.
+SNAPSHOT_LUA = (
+    LUA_BUCKETS
+    + """
+local now = tonumber(ARGV[1])
+local out = {0, 0, 0, 0}
+if tonumber(ARGV[2]) > 0 then out[1] = refill(KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]), now) end
+if tonumber(ARGV[4]) > 0 then out[2] = refill(KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[5]), now) end
+out[3] = redis.call('ZCOUNT', KEYS[3], '(' .. ARGV[1], '+inf')
+out[4] = redis.call('ZCOUNT', KEYS[4], '(' .. ARGV[1], '+inf')
+return out
+"""
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """A Lua script and its SHA1, computed once; run with EVALSHA."""
+
+    source: str
+    sha: str
+
+    @classmethod
+    def of(cls, source: str) -> Script:
+        return cls(source, hashlib.sha1(source.encode()).hexdigest())
+
+
+def _bucket_args(limit: Rate | None) -> tuple[int, int]:
+    return (0, 0) if limit is None else (limit.burst, limit.per_minute)
+
+
+def _level(value: Any, limit: Rate | None, now_ms: int) -> Bucket | None:
+    return None if limit is None else Bucket(int(value), now_ms)
+
+
+class RedisLimiter:
+    """Token buckets and leases in Redis, shared by every gateway process.
+
+    ``client`` should come from a deliberately sized pool (see ``build_limiter``); it is closed
+    by ``aclose`` only when ``owns_client`` is true.
+    """
+
+    ADMIT = Script.of(ADMIT_LUA)
+    SETTLE = Script.of(SETTLE_LUA)
+    ACQUIRE = Script.of(ACQUIRE_LUA)
+    RENEW = Script.of(RENEW_LUA)
+    SNAPSHOT = Script.of(SNAPSHOT_LUA)
+    # A trivial script: the floor the benchmark compares the real ones with.
+    NOOP = Script.of("return 1")
+
+    def __init__(self, client: Redis, *, lease_ttl: float = 30.0, owns_client: bool = False) -> None:
+        if lease_ttl <= 0:
+            raise ValueError(f"lease_ttl must be > 0, got {lease_ttl}")
+        self._client = client
+        self._owns_client = owns_client
+        self._ttl_ms = to_ms(lease_ttl)
+        self._key_ttl_ms = self._ttl_ms * LEASE_KEY_FACTOR
+        self.script_loads = 0  # NOSCRIPT recoveries (after a Redis restart, failover or SCRIPT FLUSH)
+
+    @property
+    def lease_ttl(self) -> float:
+        return self._ttl_ms / 1000
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        """EVALSHA, loading the script once and retrying if Redis does not know it."""
+        try:
+            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # Redis restarted, failed over to a replica without our scripts, or was told
+            # SCRIPT FLUSH: load it back and try again (SCRIPT LOAD returns the same SHA1).
+            await self._client.script_load(script.source)
+            self.script_loads += 1
+            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+
+    async def admit(
+        self, tenant: str, user: str, policy: LimitPolicy, *, lease: str, estimate_tokens: int, now: float
+    ) -> Admission:
+        validate_counts(estimate_tokens=estimate_tokens)
+        refuse_closed_doors(policy)
+        now_ms = to_ms(now)
+        keys = tenant_keys(tenant)
+        limits = rates(policy)
+        streams_cap = -1 if policy.max_concurrent_streams is None else policy.max_concurrent_streams
+        reply = await self.run(
+            self.ADMIT,
+            (keys.requests, keys.user_requests(user), keys.tokens, keys.streams),
+            (
+                now_ms,
+                lease,
+                self._ttl_ms,
+                self._key_ttl_ms,
+                streams_cap,
+                *_bucket_args(limits.requests),
+                *_bucket_args(limits.user_requests),
+                *_bucket_args(limits.tokens),
+                estimate_tokens,
+            ),
+        )
+        verdict = Verdict(int(reply[0]))
+        if verdict is not Verdict.ADMITTED:
+            raise refusal(verdict, int(reply[1]))
+        return build_admission(
+            tenant,
+            user,
+            policy,
+            lease=lease,
+            estimate_tokens=estimate_tokens,
+            requests=_level(reply[2], limits.requests, now_ms),
+            user_requests=_level(reply[3], limits.user_requests, now_ms),
+            tokens=_level(reply[4], limits.tokens, now_ms),
+            backend="redis",
+        )
+
+    async def settle(
+        self, admission: Admission, policy: LimitPolicy, *, used_tokens: int, now: float
+    ) -> None:
+        validate_counts(used_tokens=used_tokens)
+        keys = tenant_keys(admission.tenant)
+        await self.run(
+            self.SETTLE,
+            (keys.tokens, keys.streams),
+            (
+                to_ms(now),
+                admission.stream_lease,
+                *_bucket_args(rates(policy).tokens),
+                admission.reserved_tokens - used_tokens,
+            ),
+        )
+
+    async def acquire_connection(self, tenant: str, policy: LimitPolicy, *, lease: str, now: float) -> None:
+        refuse_closed_connections(policy)
+        cap = -1 if policy.max_connections is None else policy.max_connections
+        held = await self.run(
+            self.ACQUIRE,
+            (tenant_keys(tenant).connections,),
+            (to_ms(now), lease, self._ttl_ms, self._key_ttl_ms, cap),
+        )
+        if int(held) != 1:
+            raise TooManyConnections("too many connections for this tenant")
+
+    async def release_connection(self, tenant: str, *, lease: str) -> None:
+        # A single ZREM is atomic already; no script needed.
+        await self._client.zrem(tenant_keys(tenant).connections, lease)
+
+    async def renew(self, tenant: str, leases: Sequence[str], *, now: float) -> None:
+        if not leases:
+            return
+        keys = tenant_keys(tenant)
+        await self.run(
+            self.RENEW,
+            (keys.connections, keys.streams),
+            (to_ms(now), self._ttl_ms, self._key_ttl_ms, *leases),
+        )
+
+    async def snapshot(self, tenant: str, policy: LimitPolicy, *, now: float) -> Snapshot:
+        now_ms = to_ms(now)
+        keys = tenant_keys(tenant)
+        limits = rates(policy)
+        reply = await self.run(
+            self.SNAPSHOT,
+            (keys.requests, keys.tokens, keys.connections, keys.streams),
+            (now_ms, *_bucket_args(limits.requests), *_bucket_args(limits.tokens)),
+        )
+        return build_snapshot(
+            policy,
+            requests=_level(reply[0], limits.requests, now_ms),
+            tokens=_level(reply[1], limits.tokens, now_ms),
+            connections=int(reply[2]),
+            streams=int(reply[3]),
+        )
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
