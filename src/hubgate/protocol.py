@@ -110,7 +110,9 @@ def _id(obj: Mapping[str, Any], field: str = "id", *, required: bool = True) -> 
             raise InvalidMessage(f"'{field}' is required")
         return None
     if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH or not value.isprintable():
-        raise InvalidMessage(f"'{field}' must be a non-empty printable string of at most {MAX_ID_LENGTH} characters")
+        raise InvalidMessage(
+            f"'{field}' must be a non-empty printable string of at most {MAX_ID_LENGTH} characters"
+        )
     return value
 
 
@@ -154,7 +156,9 @@ def _messages(obj: Mapping[str, Any]) -> tuple[ChatMessage, ...]:
             raise InvalidMessage(f"messages[{index}].content must be a non-empty string")
         # Bedrock Converse requires turns to alternate, starting with the user.
         if role != expected:
-            raise InvalidMessage(f"messages[{index}].role must be '{expected}' (roles alternate, starting with user)")
+            raise InvalidMessage(
+                f"messages[{index}].role must be '{expected}' (roles alternate, starting with user)"
+            )
         out.append(ChatMessage(role=role, content=content))
         expected = "assistant" if role == "user" else "user"
     if out[-1].role != "user":
@@ -170,7 +174,9 @@ def _chat(obj: Mapping[str, Any]) -> Chat:
         raise InvalidMessage("'model' must be a non-empty string")
     max_tokens = obj.get("max_tokens")
     if max_tokens is not None and (
-        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS_CEILING
+        isinstance(max_tokens, bool)
+        or not isinstance(max_tokens, int)
+        or not 1 <= max_tokens <= MAX_TOKENS_CEILING
     ):
         raise InvalidMessage(f"'max_tokens' must be an integer between 1 and {MAX_TOKENS_CEILING}")
     stop_raw = obj.get("stop")
@@ -361,7 +367,14 @@ class FrameBuilder:
     def delta(self, text: str) -> str:
         return self._prefix + str(self._next()) + ',"text":' + orjson.dumps(text).decode() + "}"
 
-    def end(self, stop_reason: str, input_tokens: int, output_tokens: int, ttft_ms: float | None, duration_ms: float) -> str:
+    def end(
+        self,
+        stop_reason: str,
+        input_tokens: int,
+        output_tokens: int,
+        ttft_ms: float | None,
+        duration_ms: float,
+    ) -> str:
         return encode(
             {
                 "type": "end",
@@ -377,4 +390,6 @@ class FrameBuilder:
         )
 
     def error(self, code: str, message: str, retry_after: float | None = None) -> str:
-        return encode(error_frame(code, message, request_id=self.request_id, seq=self._next(), retry_after=retry_after))
+        return encode(
+            error_frame(code, message, request_id=self.request_id, seq=self._next(), retry_after=retry_after)
+        )

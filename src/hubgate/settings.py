@@ -153,7 +153,9 @@ class Settings:
             log_level=(_str(env, "LOG_LEVEL", defaults.log_level) or defaults.log_level).lower(),
             aws_region=_str(env, "AWS_REGION", defaults.aws_region) or defaults.aws_region,
             bedrock_endpoint_url=_str(env, "BEDROCK_ENDPOINT_URL", None),
-            upstream_connect_timeout=_float(env, "UPSTREAM_CONNECT_TIMEOUT", defaults.upstream_connect_timeout),
+            upstream_connect_timeout=_float(
+                env, "UPSTREAM_CONNECT_TIMEOUT", defaults.upstream_connect_timeout
+            ),
             upstream_read_timeout=_float(env, "UPSTREAM_READ_TIMEOUT", defaults.upstream_read_timeout),
             upstream_max_attempts=_int(env, "UPSTREAM_MAX_ATTEMPTS", defaults.upstream_max_attempts, 1),
             jwt_hs256_secret=_str(env, "JWT_HS256_SECRET", None),

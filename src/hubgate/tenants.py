@@ -99,8 +99,15 @@ def parse_tenants(document: Any) -> dict[str, Tenant]:
         raise TenantConfigError("the tenants file must have a top-level 'tenants' mapping")
     tenants: dict[str, Tenant] = {}
     for tenant_id, raw in document["tenants"].items():
-        if not isinstance(tenant_id, str) or not tenant_id or len(tenant_id) > 128 or not tenant_id.isprintable():
-            raise TenantConfigError(f"tenant id {tenant_id!r} must be a printable string of at most 128 characters")
+        if (
+            not isinstance(tenant_id, str)
+            or not tenant_id
+            or len(tenant_id) > 128
+            or not tenant_id.isprintable()
+        ):
+            raise TenantConfigError(
+                f"tenant id {tenant_id!r} must be a printable string of at most 128 characters"
+            )
         tenants[tenant_id] = _parse_tenant(tenant_id, raw)
     return tenants
 

@@ -7,7 +7,6 @@ aiohttp exception types stop here: everything that leaves this module is a
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -135,7 +134,7 @@ class BedrockProvider:
             error = exc.response.get("Error", {})
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             raise map_error_code(str(error.get("Code", "")), status) from exc
-        except (ReadTimeoutError, ConnectTimeoutError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ReadTimeoutError, ConnectTimeoutError) as exc:
             raise UpstreamTimeout("Bedrock did not answer in time") from exc
         except (BotoCoreError, aiohttp.ClientError) as exc:
             raise UpstreamError("cannot reach Bedrock") from exc
@@ -171,7 +170,7 @@ class BedrockProvider:
         except EventStreamError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             raise map_error_code(code) from exc
-        except (ReadTimeoutError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ReadTimeoutError) as exc:
             raise UpstreamTimeout("the model stream stalled") from exc
         except (BotoCoreError, aiohttp.ClientError) as exc:
             raise UpstreamError("the model stream broke off") from exc

@@ -1,0 +1,136 @@
+"""The Starlette application: builds shared clients in the lifespan and mounts the routes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+
+from hubgate import protocol
+from hubgate.auth import JwtVerifier
+from hubgate.errors import AuthError, TenantRefused
+from hubgate.gateway import Services, stream_endpoint
+from hubgate.leases import LeaseKeeper
+from hubgate.providers.base import Provider
+from hubgate.providers.bedrock import BedrockProvider
+from hubgate.ratelimit import build_limiter
+from hubgate.settings import Settings
+from hubgate.tenants import TenantRegistry
+
+log = logging.getLogger("hubgate.app")
+
+
+async def healthz(request: Request) -> Response:
+    """Liveness: the process answers. No dependency is checked."""
+    return PlainTextResponse("ok")
+
+
+async def readyz(request: Request) -> Response:
+    """Readiness: the services are built and the instance is not shutting down."""
+    services: Services | None = getattr(request.app.state, "services", None)
+    if services is None or getattr(request.app.state, "draining", False):
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+    return JSONResponse({"status": "ready", "connections": len(services.connections)})
+
+
+async def list_models(request: Request) -> Response:
+    """``GET /v1/models`` — the caller's models (Bearer JWT)."""
+    services: Services = request.app.state.services
+    token = protocol.token_from_authorization(request.headers.get("authorization"))
+    if token is None:
+        return _error(401, "invalid_token", "a Bearer token is required", {"WWW-Authenticate": "Bearer"})
+    try:
+        identity = await services.verifier.verify(token)
+    except AuthError as exc:
+        return _error(401, exc.code, exc.message, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    tenant = services.tenants.get(identity.tenant)
+    if tenant is None or not tenant.enabled:
+        refused = TenantRefused("this tenant is not enabled")
+        return _error(403, refused.code, refused.message)
+    return JSONResponse(
+        {
+            "tenant": tenant.id,
+            "default_model": tenant.default_model,
+            "models": [{"id": model} for model in tenant.models],
+        }
+    )
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    provider: Provider | None = None,
+    tenants: TenantRegistry | None = None,
+) -> Starlette:
+    """Build the ASGI app. Clients (Bedrock, Redis, JWKS) are created in the lifespan, not here.
+
+    ``provider`` and ``tenants`` may be passed in by an embedding program; by default the
+    Bedrock provider and the tenants file from the settings are used.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            registry = tenants or TenantRegistry.from_file(settings.tenants_file)
+            verifier = JwtVerifier(settings)
+            await verifier.start()
+            stack.push_async_callback(verifier.aclose)
+
+            limiter = build_limiter(
+                settings.redis_url,
+                mode=settings.rate_limit_failure_mode,
+                expected_instances=settings.expected_instances,
+                timeout_ms=settings.redis_timeout_ms,
+                max_connections=settings.redis_max_connections,
+                lease_ttl=settings.lease_ttl_seconds,
+            )
+            stack.push_async_callback(limiter.aclose)
+
+            leases = LeaseKeeper(limiter, ttl=settings.lease_ttl_seconds)
+            leases.start()
+            stack.push_async_callback(leases.aclose)
+
+            upstream = provider
+            if upstream is None:
+                bedrock = BedrockProvider(
+                    region=settings.aws_region,
+                    endpoint_url=settings.bedrock_endpoint_url,
+                    connect_timeout=settings.upstream_connect_timeout,
+                    read_timeout=settings.upstream_read_timeout,
+                    max_attempts=settings.upstream_max_attempts,
+                )
+                await bedrock.start()
+                stack.push_async_callback(bedrock.aclose)
+                upstream = bedrock
+
+            app.state.services = Services(
+                settings=settings,
+                verifier=verifier,
+                tenants=registry,
+                limiter=limiter,
+                provider=upstream,
+                leases=leases,
+            )
+            app.state.draining = False
+            log.info("hubgate ready", extra={"instance": settings.instance_id})
+            yield
+            app.state.draining = True
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/v1/models", list_models),
+            WebSocketRoute("/v1/stream", stream_endpoint),
+        ],
+        lifespan=lifespan,
+    )

@@ -1,0 +1,498 @@
+"""One WebSocket connection's life: authenticate, admit, pump frames, account.
+
+The endpoint only pumps: messages are parsed by ``hubgate.protocol``, limits decided by the
+limiter, replies produced by the provider. Every gateway error is mapped to an `error` frame
+or a close code here, in one place (``Connection._dispatch`` and ``Connection.run``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import secrets
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, assert_never
+
+from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from hubgate import protocol
+from hubgate.auth import Identity, JwtVerifier
+from hubgate.errors import (
+    AuthError,
+    CloseCode,
+    DuplicateId,
+    GatewayError,
+    InvalidMessage,
+    LimiterUnavailable,
+    ModelNotAllowed,
+    RequestError,
+    StreamNotFound,
+    TenantRefused,
+    TokenExpired,
+    TooManyConnections,
+    TooManyStreams,
+    UpstreamError,
+)
+from hubgate.leases import LeaseKeeper
+from hubgate.providers.base import Completion, Provider, ProviderRequest, Turn
+from hubgate.ratelimit.base import Admission, Limiter
+from hubgate.settings import Settings
+from hubgate.tenants import Tenant, TenantRegistry
+
+log = logging.getLogger("hubgate.gateway")
+
+
+def estimate_input_tokens(system: str | None, messages: tuple[protocol.ChatMessage, ...]) -> int:
+    """Approximate input tokens before Bedrock counts them: about four characters a token.
+
+    Used only for the reservation; settlement uses Bedrock's real count.
+    """
+    chars = len(system or "") + sum(len(m.content) for m in messages)
+    return max(1, -(-chars // 4))
+
+
+@dataclass(slots=True)
+class Services:
+    """What connections share; built once in the app lifespan."""
+
+    settings: Settings
+    verifier: JwtVerifier
+    tenants: TenantRegistry
+    limiter: Limiter
+    provider: Provider
+    leases: LeaseKeeper
+    connections: set[Connection] = field(default_factory=set)
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"
+    AUTHENTICATING = "authenticating"
+    OPEN = "open"
+    EXPIRED = "expired"  # token past exp: running streams finish, new ones are refused
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class ActiveStream:
+    request_id: str
+    task: asyncio.Task[None] | None = None
+    cancel_requested: bool = False
+
+
+class _Closed(Exception):
+    """The socket is gone; stop pumping."""
+
+
+class Connection:
+    """One client connection to ``/v1/stream``."""
+
+    def __init__(self, services: Services, websocket: WebSocket) -> None:
+        self.s = services
+        self.settings = services.settings
+        self.ws = websocket
+        self.id = secrets.token_hex(8)
+        self.state = State.HANDSHAKE
+        self.identity: Identity | None = None
+        self.tenant: Tenant | None = None
+        self.streams: dict[str, ActiveStream] = {}
+        self._lease = f"{self.settings.instance_id}:{self.id}"
+        self._lease_tenant: str | None = None
+        self._expiry_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # ------------------------------------------------------------------ handshake
+
+    async def run(self) -> None:
+        try:
+            if not await self._handshake():
+                return
+            self.s.connections.add(self)
+            try:
+                await self._pump()
+            finally:
+                self.s.connections.discard(self)
+        finally:
+            await self._teardown()
+
+    async def _deny(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        response = JSONResponse(
+            {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+        )
+        await self.ws.send_denial_response(response)
+
+    async def _handshake(self) -> bool:
+        """Refuse with a real HTTP response before the upgrade, or accept and authenticate."""
+        origin = self.ws.headers.get("origin")
+        if self.settings.allowed_origins and origin not in self.settings.allowed_origins:
+            await self._deny(403, "origin_not_allowed", "this Origin is not allowed")
+            return False
+
+        offered = list(self.ws.scope.get("subprotocols") or [])
+        sub_token, offers_v1 = protocol.token_from_subprotocols(offered)
+        authorization = self.ws.headers.get("authorization")
+        header_token = protocol.token_from_authorization(authorization)
+        malformed = (authorization is not None and header_token is None) or any(
+            p == protocol.BEARER_PREFIX for p in offered
+        )
+        token = header_token or sub_token
+        if malformed:
+            await self._deny(401, "invalid_token", "malformed credentials", {"WWW-Authenticate": "Bearer"})
+            return False
+        if token is not None:
+            try:
+                await self._authenticate(token)
+                await self._acquire_connection()
+            except AuthError as exc:
+                await self._deny(
+                    401, exc.code, exc.message, {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+                )
+                return False
+            except TenantRefused as exc:
+                await self._deny(403, exc.code, exc.message)
+                return False
+            except TooManyConnections as exc:
+                await self._deny(429, exc.code, exc.message, {"Retry-After": "1"})
+                return False
+            except LimiterUnavailable as exc:
+                await self._deny(503, exc.code, exc.message, {"Retry-After": "1"})
+                return False
+
+        await self.ws.accept(subprotocol=protocol.SUBPROTOCOL if offers_v1 else None)
+        if token is None:
+            self.state = State.AUTHENTICATING
+            if not await self._first_message_auth():
+                return False
+        self.state = State.OPEN
+        self._start_expiry_watch()
+        identity, tenant = self._who()
+        await self._send_frame(
+            protocol.ready_frame(
+                connection_id=self.id,
+                tenant=tenant.id,
+                user=identity.user,
+                models=list(tenant.models),
+                default_model=tenant.default_model,
+                expires_at=identity.expires_at,
+            )
+        )
+        return True
+
+    async def _first_message_auth(self) -> bool:
+        try:
+            async with asyncio.timeout(self.settings.auth_timeout_seconds):
+                message = await self.ws.receive()
+        except TimeoutError:
+            await self._close(CloseCode.AUTH_TIMEOUT, "authentication timeout")
+            return False
+        if message["type"] == "websocket.disconnect":
+            self.state = State.CLOSED
+            return False
+        raw = message.get("text")
+        if raw is None:
+            raw = message.get("bytes") or b""
+        try:
+            parsed = protocol.parse_client_message(raw)
+        except RequestError:
+            parsed = None
+        if not isinstance(parsed, protocol.Auth):
+            await self._close(CloseCode.UNAUTHORIZED, "authenticate first")
+            return False
+        try:
+            await self._authenticate(parsed.token)
+            await self._acquire_connection()
+        except AuthError:
+            await self._close(CloseCode.UNAUTHORIZED, "invalid token")
+            return False
+        except TenantRefused:
+            await self._close(CloseCode.FORBIDDEN, "tenant refused")
+            return False
+        except (TooManyConnections, LimiterUnavailable):
+            await self._close(CloseCode.TRY_AGAIN_LATER, "too many connections")
+            return False
+        return True
+
+    async def _authenticate(self, token: str) -> None:
+        identity = await self.s.verifier.verify(token)
+        tenant = self.s.tenants.get(identity.tenant)
+        if tenant is None or not tenant.enabled:
+            # Unknown and disabled look the same to the caller.
+            raise TenantRefused("this tenant is not enabled")
+        self.identity, self.tenant = identity, tenant
+
+    async def _acquire_connection(self) -> None:
+        _, tenant = self._who()
+        await self.s.limiter.acquire_connection(tenant.id, tenant.limits, lease=self._lease, now=time.time())
+        self._lease_tenant = tenant.id
+        self.s.leases.add(tenant.id, self._lease)
+
+    def _who(self) -> tuple[Identity, Tenant]:
+        assert self.identity is not None and self.tenant is not None
+        return self.identity, self.tenant
+
+    # ------------------------------------------------------------------ pumping
+
+    async def _pump(self) -> None:
+        while True:
+            message = await self.ws.receive()
+            kind = message["type"]
+            if kind == "websocket.disconnect":
+                self.state = State.CLOSED
+                return
+            raw = message.get("text")
+            if raw is None:
+                await self._send_frame(
+                    protocol.error_frame("invalid_message", "binary frames are not accepted; send JSON text")
+                )
+                continue
+            try:
+                parsed = protocol.parse_client_message(raw)
+                await self._dispatch(parsed)
+            except RequestError as exc:
+                await self._send_frame(
+                    protocol.error_frame(
+                        exc.code,
+                        exc.message,
+                        request_id=protocol.request_id_of(raw),
+                        retry_after=exc.retry_after,
+                    )
+                )
+            except _Closed:
+                return
+
+    async def _dispatch(self, message: protocol.ClientMessage) -> None:
+        match message:
+            case protocol.Chat():
+                self._start_chat(message)
+            case protocol.Cancel():
+                self._cancel(message.id)
+            case protocol.Ping():
+                frame: dict[str, Any] = {"type": "pong"}
+                if message.id is not None:
+                    frame["id"] = message.id
+                await self._send_frame(frame)
+            case protocol.Auth():
+                await self._refresh(message.token)
+            case protocol.Resume():
+                raise StreamNotFound("no resumable stream with this id")
+            case protocol.SessionCreate() | protocol.SessionGet() | protocol.SessionDelete():
+                raise InvalidMessage("sessions are not enabled on this gateway")
+            case _:
+                assert_never(message)
+
+    async def _refresh(self, token: str) -> None:
+        identity, _ = self._who()
+        try:
+            fresh = await self.s.verifier.verify(token)
+        except AuthError as exc:
+            raise RequestError(exc.message) from exc
+        if fresh.tenant != identity.tenant or fresh.user != identity.user:
+            raise RequestError("a refreshed token must be for the same tenant and user")
+        current = self.s.tenants.get(fresh.tenant)
+        if current is None or not current.enabled:
+            await self._close(CloseCode.FORBIDDEN, "tenant refused")
+            raise _Closed
+        self.identity, self.tenant = fresh, current
+        if self.state is State.EXPIRED:
+            self.state = State.OPEN
+        self._start_expiry_watch()
+        await self._send_frame({"type": "auth.ok", "expires_at": int(fresh.expires_at)})
+
+    def _cancel(self, request_id: str) -> None:
+        active = self.streams.get(request_id)
+        if active is None or active.task is None:
+            raise StreamNotFound("no active request with this id")
+        active.cancel_requested = True
+        active.task.cancel()
+
+    # ------------------------------------------------------------------ token expiry
+
+    def _start_expiry_watch(self) -> None:
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+        self._expiry_task = asyncio.create_task(self._expiry_watch(), name=f"expiry-{self.id}")
+
+    async def _expiry_watch(self) -> None:
+        identity, _ = self._who()
+        warn_at = identity.expires_at - self.settings.auth_expiry_warning_seconds
+        delay = warn_at - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        with contextlib.suppress(_Closed):
+            await self._send_frame({"type": "auth.expiring", "expires_at": int(identity.expires_at)})
+        delay = identity.expires_at - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.state = State.EXPIRED
+        if not self.streams:
+            await self._close(CloseCode.UNAUTHORIZED, "token expired")
+
+    # ------------------------------------------------------------------ streams
+
+    def _start_chat(self, chat: protocol.Chat) -> None:
+        if self.state is State.EXPIRED:
+            raise TokenExpired("the token has expired; send `auth` with a fresh token")
+        if chat.id in self.streams:
+            raise DuplicateId("a request with this id is already streaming on this connection")
+        if len(self.streams) >= self.settings.max_streams_per_connection:
+            raise TooManyStreams(
+                f"at most {self.settings.max_streams_per_connection} concurrent requests per connection"
+            )
+        _, tenant = self._who()
+        model = chat.model or tenant.default_model
+        if not tenant.allows(model):
+            raise ModelNotAllowed(f"model {model[:200]!r} is not available to this tenant")
+        active = ActiveStream(chat.id)
+        self.streams[chat.id] = active
+        active.task = asyncio.create_task(
+            self._run_stream(chat, model, active), name=f"stream-{chat.id[:32]}"
+        )
+
+    async def _run_stream(self, chat: protocol.Chat, model: str, active: ActiveStream) -> None:
+        identity, tenant = self._who()
+        received = time.monotonic()
+        frames = protocol.FrameBuilder(chat.id)
+        max_tokens = chat.max_tokens or tenant.default_max_tokens
+        input_estimate = estimate_input_tokens(chat.system, chat.messages)
+        lease = f"{self._lease}:{chat.id}"
+        admission: Admission | None = None
+        used_tokens = 0
+        deltas = 0
+        ttft_ms: float | None = None
+        started = False
+        try:
+            try:
+                admission = await self.s.limiter.admit(
+                    tenant.id,
+                    identity.user,
+                    tenant.limits,
+                    lease=lease,
+                    estimate_tokens=input_estimate + max_tokens,
+                    now=time.time(),
+                )
+            except RequestError as exc:
+                await self._send(frames.error(exc.code, exc.message, exc.retry_after))
+                return
+            self.s.leases.add(tenant.id, lease)
+            limits = {
+                "requests_remaining": admission.remaining_requests,
+                "tokens_remaining": admission.remaining_tokens,
+                "reset_seconds": round(admission.reset_seconds, 3),
+            }
+            request = ProviderRequest(
+                model=model,
+                messages=tuple(Turn(m.role, m.content) for m in chat.messages),
+                max_tokens=max_tokens,
+                system=chat.system,
+                temperature=chat.temperature,
+                top_p=chat.top_p,
+                stop=chat.stop,
+            )
+            send = self._send
+            try:
+                async for item in self.s.provider.stream(request):
+                    if not started:
+                        started = True
+                        await send(frames.start(model, limits))
+                    if isinstance(item, str):
+                        if ttft_ms is None:
+                            ttft_ms = (time.monotonic() - received) * 1000
+                        deltas += 1
+                        await send(frames.delta(item))
+                    else:
+                        used_tokens = item.input_tokens + item.output_tokens
+                        await send(self._end_frame(frames, item, ttft_ms, received))
+            except UpstreamError as exc:
+                # Bedrock bills what it generated; count what reached us.
+                used_tokens = input_estimate + deltas if deltas else 0
+                await send(frames.error(exc.code, exc.message))
+            except asyncio.CancelledError:
+                used_tokens = input_estimate + deltas
+                if not active.cancel_requested:
+                    raise
+                if not started:
+                    await send(frames.start(model, limits))
+                partial = Completion("cancelled", input_estimate, deltas)
+                await send(self._end_frame(frames, partial, ttft_ms, received))
+        except _Closed:
+            used_tokens = max(used_tokens, input_estimate + deltas if deltas else 0)
+        finally:
+            self.streams.pop(chat.id, None)
+            if admission is not None:
+                self.s.leases.discard(tenant.id, lease)
+                await self.s.limiter.settle(
+                    admission, tenant.limits, used_tokens=used_tokens, now=time.time()
+                )
+            if self.state is State.EXPIRED and not self.streams:
+                with contextlib.suppress(_Closed):
+                    await self._close(CloseCode.UNAUTHORIZED, "token expired")
+
+    @staticmethod
+    def _end_frame(
+        frames: protocol.FrameBuilder, completion: Completion, ttft_ms: float | None, received: float
+    ) -> str:
+        return frames.end(
+            completion.stop_reason,
+            completion.input_tokens,
+            completion.output_tokens,
+            ttft_ms,
+            (time.monotonic() - received) * 1000,
+        )
+
+    # ------------------------------------------------------------------ sending and closing
+
+    async def _send(self, text: str) -> None:
+        if self.state is State.CLOSED:
+            raise _Closed
+        try:
+            await self.ws.send({"type": "websocket.send", "text": text})
+        except (WebSocketDisconnect, RuntimeError, OSError) as exc:
+            self.state = State.CLOSED
+            raise _Closed from exc
+
+    async def _send_frame(self, frame: dict[str, Any]) -> None:
+        await self._send(protocol.encode(frame))
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self.state is State.CLOSED or self._closing:
+            return
+        self._closing = True
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+            await self.ws.close(code=code, reason=reason)
+        self.state = State.CLOSED
+
+    async def close_for_shutdown(self) -> None:
+        await self._close(CloseCode.SERVICE_RESTART, "server restarting")
+
+    async def _teardown(self) -> None:
+        """Cancel what is still running and give back every lease this connection held."""
+        self.state = State.CLOSED
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+        tasks = [a.task for a in self.streams.values() if a.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._lease_tenant is not None:
+            self.s.leases.discard(self._lease_tenant, self._lease)
+            await _quietly(self.s.limiter.release_connection(self._lease_tenant, lease=self._lease))
+
+
+async def _quietly(call: Awaitable[None]) -> None:
+    try:
+        await call
+    except GatewayError:
+        log.warning("limiter refused a release; the lease expires by itself")
+
+
+async def stream_endpoint(websocket: WebSocket) -> None:
+    """Starlette WebSocket route for ``/v1/stream``."""
+    services: Services = websocket.app.state.services
+    await Connection(services, websocket).run()
