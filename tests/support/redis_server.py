@@ -41,7 +41,8 @@ class RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(
-                "redis-server is not installed; run `make test` (it installs it) or apt-get install redis-server"
+                "redis-server is not installed: run `make test` (it installs it), "
+                "or apt-get install redis-server"
             )
         self.binary = binary
         self.port = port or free_port()
