@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 
+from hubgate.settings import Settings
+from hubgate.tokens import mint_dev_token
+from tests.support.emulator_server import EmulatorServer
+from tests.support.gateway_server import TEST_SECRET, running_gateway, gateway_settings
 from tests.support.redis_server import RedisServer
 
 
@@ -29,3 +34,36 @@ def fresh_redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[EmulatorServer]:
+    """The Bedrock runtime emulator in its own process, shared by the session."""
+    server = EmulatorServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mint() -> Callable[..., str]:
+    """Mint an HS256 token signed with the test secret: mint(tenant="acme", user="alice", ...)."""
+
+    def _mint(tenant: str = "acme", user: str = "alice", lifetime: float = 600, **kwargs: Any) -> str:
+        return mint_dev_token(TEST_SECRET, tenant=tenant, user=user, lifetime_seconds=lifetime, **kwargs)
+
+    return _mint
+
+
+@pytest.fixture
+async def gateway(emulator: EmulatorServer) -> AsyncIterator[Settings]:
+    """A real gateway (uvicorn, in this test's loop) in front of the emulator; yields its settings."""
+    settings = gateway_settings(emulator.url)
+    async with running_gateway(settings):
+        yield settings
+
+
+def ws_url(settings: Settings) -> str:
+    return f"ws://127.0.0.1:{settings.port}/v1/stream"
