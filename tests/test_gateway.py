@@ -25,7 +25,9 @@ HAIKU = "anthropic.claude-3-5-haiku-20241022-v1:0"
 NOVA = "amazon.nova-lite-v1:0"
 
 
-async def last_request(emulator: EmulatorServer, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+async def last_request(
+    emulator: EmulatorServer, predicate: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
     async with httpx.AsyncClient() as http:
         records = (await http.get(f"{emulator.url}/_emulator/requests")).json()
     matches = [r for r in records if predicate(r)]
@@ -119,7 +121,9 @@ async def test_bad_token_at_handshake_is_http_401(gateway: Settings, headers: di
 
 async def test_expired_token_at_handshake_is_http_401(gateway: Settings, mint: Mint) -> None:
     with pytest.raises(InvalidStatus) as exc:
-        await connect(ws_url(gateway), additional_headers={"Authorization": f"Bearer {mint(lifetime=-120)}"})
+        await connect(
+            ws_url(gateway), additional_headers={"Authorization": f"Bearer {mint(now=time.time() - 900)}"}
+        )
     status, body = refused_status(exc)
     assert status == 401 and body["error"]["message"] == "token expired"
 
@@ -151,7 +155,9 @@ async def test_origin_allowlist(emulator: EmulatorServer, mint: Mint) -> None:
 # ---------------------------------------------------------------------------- streaming
 
 
-async def test_chat_streams_the_emulators_exact_reply(gateway: Settings, mint: Mint, emulator: EmulatorServer) -> None:
+async def test_chat_streams_the_emulators_exact_reply(
+    gateway: Settings, mint: Mint, emulator: EmulatorServer
+) -> None:
     client = await Client.open(ws_url(gateway), mint())
     frames = await client.chat("r1", "Tell me about lighthouses", system="Be brief.", max_tokens=300)
     assert frames[0]["type"] == "start" and frames[0]["model"] == HAIKU
@@ -186,7 +192,9 @@ async def test_concurrent_requests_interleave_in_order(gateway: Settings, mint: 
             {
                 "type": "chat",
                 "id": request_id,
-                "messages": [{"role": "user", "content": f"[[emulator:reply={reply}]] [[emulator:token_delay_ms=5]]"}],
+                "messages": [
+                    {"role": "user", "content": f"[[emulator:reply={reply}]] [[emulator:token_delay_ms=5]]"}
+                ],
             }
         )
     for request_id, reply in words.items():
@@ -196,14 +204,18 @@ async def test_concurrent_requests_interleave_in_order(gateway: Settings, mint: 
     await client.close()
 
 
-async def test_cancel_mid_stream_stops_upstream(gateway: Settings, mint: Mint, emulator: EmulatorServer) -> None:
+async def test_cancel_mid_stream_stops_upstream(
+    gateway: Settings, mint: Mint, emulator: EmulatorServer
+) -> None:
     before = (await stream_counters(emulator))["client_disconnected"]
     client = await Client.open(ws_url(gateway), mint())
     await client.send(
         {
             "type": "chat",
             "id": "slow",
-            "messages": [{"role": "user", "content": "[[emulator:tokens=400]] [[emulator:token_delay_ms=20]]"}],
+            "messages": [
+                {"role": "user", "content": "[[emulator:tokens=400]] [[emulator:token_delay_ms=20]]"}
+            ],
         }
     )
     while len([f for f in client.by_id["slow"] if f["type"] == "delta"]) < 3:
@@ -230,14 +242,18 @@ async def test_cancel_unknown_request(gateway: Settings, mint: Mint) -> None:
     await client.close()
 
 
-async def test_client_disconnect_cancels_upstream(gateway: Settings, mint: Mint, emulator: EmulatorServer) -> None:
+async def test_client_disconnect_cancels_upstream(
+    gateway: Settings, mint: Mint, emulator: EmulatorServer
+) -> None:
     before = (await stream_counters(emulator))["client_disconnected"]
     client = await Client.open(ws_url(gateway), mint())
     await client.send(
         {
             "type": "chat",
             "id": "gone",
-            "messages": [{"role": "user", "content": "[[emulator:tokens=400]] [[emulator:token_delay_ms=20]]"}],
+            "messages": [
+                {"role": "user", "content": "[[emulator:tokens=400]] [[emulator:token_delay_ms=20]]"}
+            ],
         }
     )
     while not [f for f in client.by_id["gone"] if f["type"] == "delta"]:
@@ -295,10 +311,22 @@ async def test_upstream_stall_times_out(emulator: EmulatorServer, mint: Mint) ->
         ("[1, 2]", "invalid_message"),
         ('{"type": "teleport"}', "unknown_type"),
         ('{"type": "chat", "id": "x"}', "invalid_message"),
-        ('{"type": "chat", "id": "x", "messages": [{"role": "assistant", "content": "hi"}]}', "invalid_message"),
-        ('{"type": "chat", "id": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', "invalid_message"),
-        ('{"type": "chat", "id": "x", "messages": [{"role": "user", "content": "hi"}], "model": "gpt-5"}', "model_not_allowed"),
-        ('{"type": "chat", "id": "x", "messages": [{"role": "user", "content": "hi"}], "temperature": 7}', "invalid_message"),
+        (
+            '{"type": "chat", "id": "x", "messages": [{"role": "assistant", "content": "hi"}]}',
+            "invalid_message",
+        ),
+        (
+            '{"type": "chat", "id": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}',
+            "invalid_message",
+        ),
+        (
+            '{"type": "chat", "id": "x", "messages": [{"role": "user", "content": "hi"}], "model": "gpt-5"}',
+            "model_not_allowed",
+        ),
+        (
+            '{"type": "chat", "id": "x", "messages": [{"role": "user", "content": "hi"}], "temperature": 7}',
+            "invalid_message",
+        ),
     ],
 )
 async def test_bad_messages_get_error_frames_and_keep_the_connection(
@@ -316,7 +344,9 @@ async def test_bad_messages_get_error_frames_and_keep_the_connection(
 async def test_model_outside_allowlist(gateway: Settings, mint: Mint) -> None:
     client = await Client.open(ws_url(gateway), mint("globex"))
     frames = await client.chat("m", "hi", model=HAIKU)
-    assert frames == [{"type": "error", "id": "m", "code": "model_not_allowed", "message": frames[0]["message"]}]
+    assert frames == [
+        {"type": "error", "id": "m", "code": "model_not_allowed", "message": frames[0]["message"]}
+    ]
     await client.close()
 
 
@@ -351,7 +381,9 @@ async def test_per_connection_stream_cap(gateway: Settings, mint: Mint) -> None:
             {
                 "type": "chat",
                 "id": f"s{i}",
-                "messages": [{"role": "user", "content": "[[emulator:tokens=30]] [[emulator:token_delay_ms=20]]"}],
+                "messages": [
+                    {"role": "user", "content": "[[emulator:tokens=30]] [[emulator:token_delay_ms=20]]"}
+                ],
             }
         )
     frames = await client.until_terminal("s4")

@@ -15,6 +15,7 @@
     │   ├── StreamNotFound            stream_not_found
     │   ├── SessionNotFound           session_not_found
     │   ├── TokenExpired              token_expired        (new requests after `exp`)
+    │   ├── RefreshRefused            invalid_token        (an `auth` refresh was refused)
     │   └── UpstreamError             upstream_error
     │       ├── UpstreamThrottled     upstream_throttled
     │       └── UpstreamTimeout       upstream_timeout
@@ -110,6 +111,12 @@ class SessionNotFound(RequestError):
 
 class TokenExpired(RequestError):
     code = "token_expired"
+
+
+class RefreshRefused(RequestError):
+    """An in-band `auth` refresh was refused; the connection keeps its current token."""
+
+    code = "invalid_token"
 
 
 class UpstreamError(RequestError):

@@ -30,6 +30,7 @@ from hubgate.errors import (
     InvalidMessage,
     LimiterUnavailable,
     ModelNotAllowed,
+    RefreshRefused,
     RequestError,
     StreamNotFound,
     TenantRefused,
@@ -291,9 +292,9 @@ class Connection:
         try:
             fresh = await self.s.verifier.verify(token)
         except AuthError as exc:
-            raise RequestError(exc.message) from exc
+            raise RefreshRefused(exc.message) from exc
         if fresh.tenant != identity.tenant or fresh.user != identity.user:
-            raise RequestError("a refreshed token must be for the same tenant and user")
+            raise RefreshRefused("a refreshed token must be for the same tenant and user")
         current = self.s.tenants.get(fresh.tenant)
         if current is None or not current.enabled:
             await self._close(CloseCode.FORBIDDEN, "tenant refused")
