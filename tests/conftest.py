@@ -10,7 +10,7 @@ import pytest
 from hubgate.settings import Settings
 from hubgate.tokens import mint_dev_token
 from tests.support.emulator_server import EmulatorServer
-from tests.support.gateway_server import TEST_SECRET, running_gateway, gateway_settings
+from tests.support.gateway_server import TEST_SECRET, gateway_settings, running_gateway
 from tests.support.redis_server import RedisServer
 
 

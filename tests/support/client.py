@@ -81,7 +81,9 @@ class Client:
         return self.by_id[request_id]
 
     async def chat(self, request_id: str, text: str, **fields: Any) -> list[dict[str, Any]]:
-        await self.send({"type": "chat", "id": request_id, "messages": [{"role": "user", "content": text}], **fields})
+        await self.send(
+            {"type": "chat", "id": request_id, "messages": [{"role": "user", "content": text}], **fields}
+        )
         return await self.until_terminal(request_id)
 
     async def wait_closed(self, timeout: float = 10.0) -> tuple[int | None, str | None]:

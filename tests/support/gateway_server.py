@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 from hubgate.app import create_app
 from hubgate.cli import EmbeddedServer, uvicorn_config
@@ -21,7 +20,11 @@ from hubgate.settings import Settings
 from tests.support.redis_server import free_port, wait_for_port
 
 TEST_SECRET = "test-secret-that-is-long-enough-for-hs256-use"
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "AKIDHUBGATETEST", "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_SESSION_TOKEN": ""}
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "AKIDHUBGATETEST",
+    "AWS_SECRET_ACCESS_KEY": "test-secret",
+    "AWS_SESSION_TOKEN": "",
+}
 
 
 def ensure_aws_env() -> None:
@@ -82,7 +85,6 @@ class GatewayProcess:
         self.settings = settings
         self.port = settings.port
         self.env = {**os.environ, **AWS_ENV, **settings_env(settings), **(extra_env or {})}
-        self.env.pop("AWS_SESSION_TOKEN", None)
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = Path(f"/tmp/hubgate-gw-{self.port}.log")
 
@@ -135,4 +137,4 @@ class GatewayProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-__all__ = ["GatewayProcess", "free_port", "running_gateway", "gateway_settings", "wait_for_port"]
+__all__ = ["GatewayProcess", "free_port", "gateway_settings", "running_gateway", "wait_for_port"]
