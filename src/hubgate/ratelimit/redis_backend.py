@@ -265,6 +265,10 @@ class RedisLimiter:
     def lease_ttl(self) -> float:
         return self._ttl_ms / 1000
 
+    @property
+    def client(self) -> Redis:
+        return self._client
+
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         """EVALSHA, loading the script once and retrying if Redis does not know it."""
         try:
