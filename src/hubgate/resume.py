@@ -1,0 +1,522 @@
+"""Per-request frame buffers, so a client that lost its connection can reconnect anywhere and replay.
+
+The gateway process that runs a request writes its server frames (``seq`` 0, 1, 2, ..., then one
+terminal ``end`` or ``error``) through a ``BufferWriter``, which batches them off the hot path. A
+resuming connection, on any process, calls ``replay``: every frame after the client's last ``seq``,
+then the live tail until the terminal frame.
+
+``read`` guarantees the frames it returns continue ``after`` exactly (no gap, no duplicate, in
+order) and raises ``StreamNotFound`` when it cannot: the buffer is missing, expired, another
+tenant's or user's (all indistinguishable), trimmed past ``after``, or already finished at or before
+``after``. Two backends: ``RedisStreamBuffer`` (shared by all processes) and
+``MemoryStreamBuffer`` (one process: tests and ``hubgate dev``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+from urllib.parse import quote
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from hubgate.errors import DuplicateId, InternalError, InvalidMessage, StreamNotFound
+
+logger = logging.getLogger(__name__)
+
+# Same rule as the protocol's request ids: non-empty, printable, at most 128 characters.
+MAX_REQUEST_ID_LENGTH: Final = 128
+_NOT_FOUND: Final = "stream not found"
+_TRIMMED: Final = "the frames after this seq are no longer buffered"
+_FINISHED: Final = "the stream already finished at or before this seq"
+# Frames handed out per read; replay simply reads again, and a bounded reply keeps one resuming
+# client from pulling a whole 10000-frame buffer through one Redis reply.
+_READ_COUNT: Final = 512
+
+
+@dataclass(frozen=True, slots=True)
+class StreamKey:
+    """Which buffer: requests are named by their client-chosen id, within one tenant's user."""
+
+    tenant: str
+    user: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class BufferedFrame:
+    """One server frame: its ``seq``, its JSON text as sent, and whether it ends the request."""
+
+    seq: int
+    data: bytes
+    terminal: bool
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+
+
+def valid_request_id(request_id: str) -> bool:
+    return 0 < len(request_id) <= MAX_REQUEST_ID_LENGTH and request_id.isprintable()
+
+
+def stream_key(key: StreamKey) -> str:
+    """The Redis key of one buffer: ``{t:<tenant>}:rs:<user>:<request_id>``.
+
+    Each part is percent-encoded: ordinary ids are unchanged, but user ``a`` with request ``b:c``
+    and user ``a:b`` with request ``c`` get different keys, and a ``}`` cannot move a key out of
+    its tenant's Redis Cluster hash slot.
+    """
+    return (
+        f"{{t:{quote(key.tenant, safe='')}}}:rs:{quote(key.user, safe='')}:{quote(key.request_id, safe='')}"
+    )
+
+
+def check_after(after: int) -> None:
+    if after < -1:
+        raise InvalidMessage("'after' must be -1 or the last seq received")
+
+
+def check_increasing(frames: Sequence[BufferedFrame]) -> None:
+    """Frames of one append must be in strictly increasing ``seq`` order (a bug otherwise)."""
+    for previous, frame in itertools.pairwise(frames):
+        if frame.seq <= previous.seq:
+            raise InternalError("frames appended out of order")
+
+
+def continuation(after: int, frames: Sequence[BufferedFrame], *, ended: bool) -> list[BufferedFrame]:
+    """The leading frames that continue ``after`` with no gap.
+
+    ``frames`` are stored frames with ``seq > after`` in order; ``ended`` says whether the newest
+    stored frame is terminal. Raises StreamNotFound when the next frame is gone (trimmed, or a
+    batch that never reached the buffer), or when nothing can follow because the stream ended.
+    """
+    out: list[BufferedFrame] = []
+    expected = after + 1
+    for frame in frames:
+        if frame.seq != expected:
+            break
+        out.append(frame)
+        expected += 1
+    if frames and not out:
+        raise StreamNotFound(_TRIMMED)
+    if not frames and ended:
+        raise StreamNotFound(_FINISHED)
+    return out
+
+
+# --- the interface --------------------------------------------------------------------------
+
+
+class StreamBuffer(Protocol):
+    """Where the frames of live and recently finished requests are kept for replay."""
+
+    async def create(self, key: StreamKey) -> None:
+        """Start an empty buffer; DuplicateId if a live one exists, InvalidMessage for a bad id."""
+        ...
+
+    async def append(self, key: StreamKey, frames: Sequence[BufferedFrame]) -> None:
+        """Add frames (increasing ``seq``) in one round trip and refresh the TTL; StreamNotFound if gone."""
+        ...
+
+    async def read(self, key: StreamKey, after: int, *, block_seconds: float) -> list[BufferedFrame]:
+        """Frames with ``seq > after`` continuing ``after``, waiting up to ``block_seconds`` if none yet."""
+        ...
+
+    async def exists(self, key: StreamKey) -> bool:
+        """Whether a live buffer exists for ``key``."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the buffer owns."""
+        ...
+
+
+# --- in memory ------------------------------------------------------------------------------
+
+
+class _MemoryStream:
+    __slots__ = ("changed", "ended", "expires_at", "frames", "last_seq")
+
+    def __init__(self, max_frames: int, expires_at: float) -> None:
+        self.frames: deque[BufferedFrame] = deque(maxlen=max_frames)
+        self.expires_at = expires_at
+        self.last_seq = -1
+        self.ended = False
+        self.changed = asyncio.Condition()
+
+    def after(self, after: int) -> list[BufferedFrame]:
+        # Walk back from the newest frame: a tailing reader only pays for what is new.
+        out: list[BufferedFrame] = []
+        for frame in reversed(self.frames):
+            if frame.seq <= after:
+                break
+            out.append(frame)
+        out.reverse()
+        return out[:_READ_COUNT]
+
+
+class MemoryStreamBuffer:
+    """Buffers in a dict, expired by ``clock`` (monotonic seconds); for one process only."""
+
+    def __init__(
+        self, *, ttl_seconds: float, max_frames: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if ttl_seconds <= 0 or max_frames < 1:
+            raise ValueError("ttl_seconds must be > 0 and max_frames >= 1")
+        self._ttl = ttl_seconds
+        self._max_frames = max_frames
+        self._clock = clock
+        self._streams: dict[StreamKey, _MemoryStream] = {}
+        self._next_sweep = float("-inf")
+
+    async def create(self, key: StreamKey) -> None:
+        if not valid_request_id(key.request_id):
+            raise InvalidMessage("invalid request id")
+        now = self._clock()
+        self._sweep(now)
+        current = self._streams.get(key)
+        if current is not None and now < current.expires_at:
+            raise DuplicateId("request id already used")
+        self._streams[key] = _MemoryStream(self._max_frames, now + self._ttl)
+
+    async def append(self, key: StreamKey, frames: Sequence[BufferedFrame]) -> None:
+        if not frames:
+            return
+        check_increasing(frames)
+        stream = self._live(key)
+        if frames[0].seq <= stream.last_seq:
+            raise InternalError("frames appended out of order")
+        stream.frames.extend(frames)
+        stream.last_seq = frames[-1].seq
+        stream.ended = frames[-1].terminal
+        stream.expires_at = self._clock() + self._ttl
+        async with stream.changed:
+            stream.changed.notify_all()
+
+    async def read(self, key: StreamKey, after: int, *, block_seconds: float) -> list[BufferedFrame]:
+        check_after(after)
+        stream = self._live(key)
+        frames = stream.after(after)
+        if not frames and not stream.ended and block_seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(block_seconds), stream.changed:
+                    await stream.changed.wait_for(lambda: stream.last_seq > after)
+            # It may have expired, or been replaced after expiring, while we waited.
+            stream = self._live(key)
+            frames = stream.after(after)
+        return continuation(after, frames, ended=stream.ended)
+
+    async def exists(self, key: StreamKey) -> bool:
+        try:
+            self._live(key)
+        except StreamNotFound:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        self._streams.clear()
+
+    def _live(self, key: StreamKey) -> _MemoryStream:
+        stream = self._streams.get(key)
+        if stream is None:
+            raise StreamNotFound(_NOT_FOUND)
+        if self._clock() >= stream.expires_at:
+            del self._streams[key]
+            raise StreamNotFound(_NOT_FOUND)
+        return stream
+
+    def _sweep(self, now: float) -> None:
+        # One pass per TTL drops buffers nobody resumed, keeping memory bounded.
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self._ttl
+        for key in [k for k, s in self._streams.items() if now >= s.expires_at]:
+            del self._streams[key]
+
+
+# --- in Redis -------------------------------------------------------------------------------
+
+# Entry ids are explicit, derived from seq: the header is 0-1 and frame `seq` is 0-(seq+2). XADD
+# refuses an id not above the stream's last one, so the stream is strictly ordered by seq with no
+# duplicate, and "every frame after seq k" is a plain range read from an id computed from k.
+_HEADER_ID: Final = "0-1"
+
+# Creating a buffer must fail if one exists, atomically, and must leave a key behind (a stream
+# only exists with an entry in it), hence a header entry and a script.
+_CREATE_SCRIPT: Final = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+redis.call('XADD', KEYS[1], '0-1', 'h', '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+def _entry_id(seq: int) -> str:
+    return f"0-{seq + 2}"
+
+
+def _field(fields: Mapping[Any, Any], name: str) -> Any:
+    # The client may or may not have been built with decode_responses=True.
+    value = fields.get(name.encode())
+    return fields.get(name) if value is None else value
+
+
+def _decode_entries(entries: Sequence[Any] | None) -> list[BufferedFrame]:
+    frames: list[BufferedFrame] = []
+    for _stream_id, fields in entries or ():
+        seq = _field(fields, "seq")
+        if seq is None:  # the header
+            continue
+        data = _field(fields, "d")
+        terminal = _field(fields, "t")
+        frames.append(
+            BufferedFrame(
+                seq=int(seq),
+                data=data.encode() if isinstance(data, str) else bytes(data),
+                terminal=terminal in (b"1", "1"),
+            )
+        )
+    return frames
+
+
+def _xread_entries(response: Any) -> list[Any]:
+    """The entries of a one-stream XREAD reply: RESP2 ``[[name, entries]]``, RESP3 ``{name: [entries]}``."""
+    if not response:
+        return []
+    if isinstance(response, Mapping):
+        (wrapped,) = response.values()
+        return list(wrapped[0])
+    return list(response[0][1])
+
+
+@contextlib.contextmanager
+def _redis_boundary() -> Iterator[None]:
+    """Translate redis-py and socket failures into the gateway's hierarchy."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise InternalError("resume buffer unavailable") from exc
+
+
+class RedisStreamBuffer:
+    """One Redis Stream per request at ``stream_key(key)``; fields ``seq``, ``d`` (data), ``t`` (terminal).
+
+    Every command touches one key, so it works unchanged on Redis Cluster. The TTL is refreshed on
+    each append; the length is capped with ``XADD MAXLEN ~ max_frames``. ``read`` blocks with
+    ``XREAD BLOCK``, which needs the client's ``socket_timeout`` to be longer than the block: a
+    block is shortened to fit a shorter one, so a client tuned for the rate limiter still works,
+    only polling more often. The client belongs to the caller; ``aclose`` does not close it.
+    """
+
+    def __init__(self, client: Redis, *, ttl_seconds: float, max_frames: int) -> None:
+        if ttl_seconds <= 0 or max_frames < 1:
+            raise ValueError("ttl_seconds must be > 0 and max_frames >= 1")
+        self._client = client
+        self._ttl_ms = max(1, round(ttl_seconds * 1000))
+        self._max_frames = max_frames
+        self._create_script = client.register_script(_CREATE_SCRIPT)
+        socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        # Block for at most half the socket timeout: the other half is for the reply to arrive.
+        self._max_block_ms = None if socket_timeout is None else max(1, int(socket_timeout * 500))
+
+    async def create(self, key: StreamKey) -> None:
+        if not valid_request_id(key.request_id):
+            raise InvalidMessage("invalid request id")
+        with _redis_boundary():
+            created = await self._create_script(keys=[stream_key(key)], args=[self._ttl_ms])
+        if not created:
+            raise DuplicateId("request id already used")
+
+    async def append(self, key: StreamKey, frames: Sequence[BufferedFrame]) -> None:
+        if not frames:
+            return
+        check_increasing(frames)
+        if not valid_request_id(key.request_id):
+            raise StreamNotFound(_NOT_FOUND)
+        name = stream_key(key)
+        with _redis_boundary():
+            # MULTI/EXEC: one round trip, and a reader sees the whole batch or none of it.
+            async with self._client.pipeline(transaction=True) as pipe:
+                for frame in frames:
+                    pipe.xadd(
+                        name,
+                        {"seq": frame.seq, "d": frame.data, "t": 1 if frame.terminal else 0},
+                        id=_entry_id(frame.seq),
+                        maxlen=self._max_frames,
+                        approximate=True,
+                        # An expired buffer stays gone rather than coming back without its start.
+                        nomkstream=True,
+                    )
+                pipe.pexpire(name, self._ttl_ms)
+                results = await pipe.execute()
+        if results[0] is None:
+            raise StreamNotFound(_NOT_FOUND)
+
+    async def read(self, key: StreamKey, after: int, *, block_seconds: float) -> list[BufferedFrame]:
+        check_after(after)
+        if not valid_request_id(key.request_id):
+            raise StreamNotFound(_NOT_FOUND)
+        name = stream_key(key)
+        with _redis_boundary():
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.exists(name)
+                pipe.xrange(name, min=_entry_id(after + 1), max="+", count=_READ_COUNT)
+                pipe.xrevrange(name, max="+", min="-", count=1)
+                exists, entries, newest = await pipe.execute()
+            if not exists:
+                raise StreamNotFound(_NOT_FOUND)
+            frames = _decode_entries(entries)
+            newest_frames = _decode_entries(newest)
+            ended = bool(newest_frames) and newest_frames[-1].terminal
+            if not frames and not ended and block_seconds > 0:
+                block_ms = max(1, int(block_seconds * 1000))  # BLOCK 0 would mean forever
+                if self._max_block_ms is not None:
+                    block_ms = min(block_ms, self._max_block_ms)
+                response = await self._client.xread(
+                    {name: _entry_id(after)}, count=_READ_COUNT, block=block_ms
+                )
+                frames = _decode_entries(_xread_entries(response))
+        return continuation(after, frames, ended=ended)
+
+    async def exists(self, key: StreamKey) -> bool:
+        if not valid_request_id(key.request_id):
+            return False
+        with _redis_boundary():
+            return bool(await self._client.exists(stream_key(key)))
+
+    async def aclose(self) -> None:
+        """Nothing to release: the Redis client is created and closed by the app's lifespan."""
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+class BufferWriter:
+    """Batches one request's frames into ``append`` calls so the token path never waits on Redis.
+
+    ``push`` only queues. One background task sends a batch when ``max_batch`` frames are queued,
+    when the terminal frame is queued, or ``flush_interval`` seconds after the first queued frame;
+    at most one append is in flight, so frames reach the buffer in order. A failed append is
+    logged and dropped: the live connection still has those frames, and a resume that needs them
+    gets ``stream_not_found`` instead of a stream with a hole.
+    """
+
+    def __init__(
+        self, buffer: StreamBuffer, key: StreamKey, *, flush_interval: float = 0.02, max_batch: int = 64
+    ) -> None:
+        if flush_interval <= 0 or max_batch < 1:
+            raise ValueError("flush_interval must be > 0 and max_batch >= 1")
+        self._buffer = buffer
+        self._key = key
+        self._flush_interval = flush_interval
+        self._max_batch = max_batch
+        self._pending: list[BufferedFrame] = []
+        self._has_data = asyncio.Event()
+        self._urgent = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._failed_batches = 0
+        self._lost_frames = 0
+
+    def push(self, frame: BufferedFrame) -> None:
+        """Queue one frame (call from the event loop); never waits."""
+        if self._closing:
+            raise RuntimeError("BufferWriter is closed")
+        self._pending.append(frame)
+        if frame.terminal or len(self._pending) >= self._max_batch:
+            self._urgent.set()
+        self._has_data.set()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="hubgate-buffer-writer")
+
+    async def aclose(self) -> None:
+        """Send everything queued, terminal frame included, then stop; logs, never raises, Redis trouble."""
+        if self._task is None or self._task.done():
+            self._closing = True
+            return
+        self._closing = True
+        self._urgent.set()
+        self._has_data.set()
+        # Shielded: a connection torn down mid-close must not cut off the final frames.
+        await asyncio.shield(self._task)
+        if self._failed_batches:
+            logger.warning(
+                "resume buffer missed %d frame(s) in %d batch(es) for request %r",
+                self._lost_frames,
+                self._failed_batches,
+                self._key.request_id,
+            )
+
+    async def _run(self) -> None:
+        while True:
+            await self._has_data.wait()
+            if not self._urgent.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._flush_interval):
+                        await self._urgent.wait()
+            batch = self._pending[: self._max_batch]
+            del self._pending[: self._max_batch]
+            if not self._pending:
+                self._has_data.clear()
+            if not self._closing and len(self._pending) < self._max_batch and not self._terminal_pending():
+                self._urgent.clear()
+            if batch:
+                await self._send(batch)
+            if self._closing and not self._pending:
+                return
+
+    def _terminal_pending(self) -> bool:
+        return bool(self._pending) and self._pending[-1].terminal
+
+    async def _send(self, batch: list[BufferedFrame]) -> None:
+        try:
+            await self._buffer.append(self._key, batch)
+        except Exception:
+            # The background task must survive anything the buffer raises; only the first
+            # failure is logged with its traceback, the rest are counted and summarised at close.
+            self._failed_batches += 1
+            self._lost_frames += len(batch)
+            if self._failed_batches == 1:
+                logger.exception("resume buffer append failed for request %r", self._key.request_id)
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+async def replay(
+    buffer: StreamBuffer,
+    key: StreamKey,
+    after: int,
+    *,
+    poll_seconds: float = 1.0,
+    deadline: float | None = None,
+) -> AsyncIterator[BufferedFrame]:
+    """Yield the frames with ``seq > after`` in order, then the live tail, ending after the terminal frame.
+
+    Raises StreamNotFound as ``read`` does (missing, expired, trimmed past ``after``, already
+    finished). ``deadline`` is a ``time.monotonic()`` value; when it passes the iteration ends early,
+    and the last frame yielded is then not terminal. Without one, a request whose producer died
+    is tailed until its buffer expires, which raises StreamNotFound.
+    """
+    last = after
+    while True:
+        wait = poll_seconds
+        if deadline is not None:
+            wait = max(0.0, min(wait, deadline - time.monotonic()))
+        for frame in await buffer.read(key, last, block_seconds=wait):
+            yield frame
+            if frame.terminal:
+                return
+            last = frame.seq
+        if deadline is not None and time.monotonic() >= deadline:
+            return
