@@ -3,7 +3,7 @@
 No I/O and no clock: the same (operation, model id, body) always gives the same script.
 
 * Words come from a fixed vocabulary, picked by SHAKE-256 over a SHA-256 of the model id, the
-  system and message texts (directive markers removed) and the sampling settings, so equal
+  system and message words (directive markers removed) and the sampling settings, so equal
   prompts give equal replies and a longer reply for the same prompt starts with the shorter one.
 * One token is one word; every token after the first carries a leading space.
 * Input tokens are the whitespace-separated words of the system texts and every message text
@@ -454,13 +454,17 @@ def count_input_tokens(prompt: Prompt) -> int:
     return max(1, count_words(prompt.system) + count_words(message_texts))
 
 
+def _words_without_markers(text: str) -> str:
+    return " ".join(MARKER.sub(" ", text).split())
+
+
 def _seed(model_id: str, prompt: Prompt) -> bytes:
-    # Markers are removed so adding a delay or a fault does not change the words, and maxTokens
-    # is left out so a capped reply is a prefix of the uncapped one.
+    # Markers are removed (and whitespace normalised) so adding a delay or a fault does not
+    # change the words, and maxTokens is left out so a capped reply is a prefix of the uncapped one.
     material = {
         "model_id": model_id,
-        "system": [MARKER.sub("", text) for text in prompt.system],
-        "messages": [[role, [MARKER.sub("", text) for text in texts]] for role, texts in prompt.messages],
+        "system": [_words_without_markers(text) for text in prompt.system],
+        "messages": [[role, [_words_without_markers(t) for t in texts]] for role, texts in prompt.messages],
         "temperature": prompt.temperature,
         "top_p": prompt.top_p,
     }
