@@ -14,6 +14,7 @@ import pytest
 from botocore.exceptions import ClientError, EventStreamError
 
 from hubgate.emulator import EmulatorConfig, expected_reply
+from hubgate.emulator import app as emulator_app
 from hubgate.emulator.app import Recorder, RequestRecord
 from hubgate.emulator.script import Operation
 from tests.emulator.conftest import ACCESS_KEY_ID, NO_RETRIES, bedrock_session
@@ -389,3 +390,16 @@ def test_recorder_keeps_the_last_requests_and_counts_streams() -> None:
     recorder.stream_ended(None)
     assert recorder.requests() == []
     assert recorder.streams() == {"active": 1, "completed": 0, "client_disconnected": 0, "faulted": 0}
+
+
+async def test_an_unexpected_error_answers_without_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(*args: object) -> None:
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(emulator_app, "build_script", explode)
+    transport = httpx.ASGITransport(app=emulator_app.create_app(), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://emulator") as http:
+        response = await http.post(f"/model/{HAIKU}/converse-stream", json=converse_body("hi"))
+    assert response.status_code == 500
+    assert response.headers["x-amzn-errortype"] == "InternalServerException"
+    assert "secret" not in response.text and "Traceback" not in response.text

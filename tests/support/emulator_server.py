@@ -29,9 +29,6 @@ from typing import Any
 from hubgate.emulator import EmulatorConfig
 from tests.support.redis_server import free_port
 
-# Loopback only: never route these through an HTTP proxy from the environment.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
 
 class EmulatorServer:
     """Start and stop ``python -m hubgate.emulator``; observe it through ``/_emulator/*``."""
@@ -50,6 +47,8 @@ class EmulatorServer:
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
+        # Loopback only: never route these calls through an HTTP proxy from the environment.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     @property
     def url(self) -> str:
@@ -97,7 +96,7 @@ class EmulatorServer:
     # Observation --------------------------------------------------------------------------------
 
     def get_json(self, path: str) -> Any:
-        with _OPENER.open(f"{self.url}{path}", timeout=5) as response:
+        with self._opener.open(f"{self.url}{path}", timeout=5) as response:
             return json.loads(response.read())
 
     def requests(self) -> list[dict[str, Any]]:
@@ -113,7 +112,7 @@ class EmulatorServer:
     def reset(self) -> None:
         """``POST /_emulator/reset``."""
         request = urllib.request.Request(f"{self.url}/_emulator/reset", method="POST", data=b"")
-        with _OPENER.open(request, timeout=5):
+        with self._opener.open(request, timeout=5):
             pass
 
     async def wait_for_streams(
@@ -165,7 +164,7 @@ class EmulatorServer:
             if self.process.poll() is not None:
                 return False
             try:
-                with _OPENER.open(url, timeout=1) as response:
+                with self._opener.open(url, timeout=1) as response:
                     if response.status == 200:
                         return True
             except (urllib.error.URLError, OSError):

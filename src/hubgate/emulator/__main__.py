@@ -11,7 +11,7 @@ from hubgate.emulator.app import EmulatorConfig, serve
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m hubgate.emulator", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8790)
+    parser.add_argument("--port", type=int, default=8081)
     parser.add_argument("--ttft-ms", type=float, default=0.0, help="pause before the first token")
     parser.add_argument("--token-delay-ms", type=float, default=0.0, help="pause before each later token")
     parser.add_argument(

@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 EVENTSTREAM_CONTENT_TYPE: Final = "application/vnd.amazon.eventstream"
 REQUEST_HISTORY: Final = 1000
 # uvicorn otherwise waits forever on shutdown for a stream held open by fault=stall.
-GRACEFUL_SHUTDOWN_SECONDS: Final = 2
+GRACEFUL_SHUTDOWN_SECONDS: Final = 1
 
 BodyWriter = Callable[[bytes], Awaitable[None]]
 
