@@ -242,24 +242,26 @@ async def test_cancel_unknown_request(gateway: Settings, mint: Mint) -> None:
     await client.close()
 
 
-async def test_client_disconnect_cancels_upstream(
-    gateway: Settings, mint: Mint, emulator: EmulatorServer
+async def test_client_disconnect_cancels_upstream_after_the_grace_period(
+    emulator: EmulatorServer, mint: Mint
 ) -> None:
-    before = (await stream_counters(emulator))["client_disconnected"]
-    client = await Client.open(ws_url(gateway), mint())
-    await client.send(
-        {
-            "type": "chat",
-            "id": "gone",
-            "messages": [
-                {"role": "user", "content": "[[emulator:tokens=400]] [[emulator:token_delay_ms=20]]"}
-            ],
-        }
-    )
-    while not [f for f in client.by_id["gone"] if f["type"] == "delta"]:
-        await client.next_frame()
-    await client.close()
-    await wait_for_counter(emulator, "client_disconnected", before + 1)
+    settings = gateway_settings(emulator.url, stream_grace_seconds=0.5)
+    async with running_gateway(settings):
+        before = (await stream_counters(emulator))["client_disconnected"]
+        client = await Client.open(ws_url(settings), mint())
+        await client.send(
+            {
+                "type": "chat",
+                "id": "gone",
+                "messages": [
+                    {"role": "user", "content": "[[emulator:tokens=400]] [[emulator:token_delay_ms=20]]"}
+                ],
+            }
+        )
+        while not [f for f in client.by_id["gone"] if f["type"] == "delta"]:
+            await client.next_frame()
+        await client.close()
+        await wait_for_counter(emulator, "client_disconnected", before + 1)
 
 
 # ---------------------------------------------------------------------------- upstream faults

@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -16,10 +17,14 @@ from hubgate.auth import JwtVerifier
 from hubgate.errors import AuthError, TenantRefused
 from hubgate.gateway import Services, stream_endpoint
 from hubgate.leases import LeaseKeeper
+from hubgate.metering import RecentUsage
 from hubgate.providers.base import Provider
 from hubgate.providers.bedrock import BedrockProvider
 from hubgate.ratelimit import build_limiter
+from hubgate.resume import MemoryStreamBuffer, RedisStreamBuffer, StreamBuffer
+from hubgate.sessions import HistoryPolicy, MemorySessionStore, RedisSessionStore, SessionStore
 from hubgate.settings import Settings
+from hubgate.streams import StreamRegistry
 from hubgate.tenants import TenantRegistry
 
 log = logging.getLogger("hubgate.app")
@@ -33,9 +38,11 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     """Readiness: the services are built and the instance is not shutting down."""
     services: Services | None = getattr(request.app.state, "services", None)
-    if services is None or getattr(request.app.state, "draining", False):
-        return JSONResponse({"status": "unavailable"}, status_code=503)
-    return JSONResponse({"status": "ready", "connections": len(services.connections)})
+    if services is None or services.draining:
+        return JSONResponse({"status": "draining" if services else "starting"}, status_code=503)
+    return JSONResponse(
+        {"status": "ready", "connections": len(services.connections), "streams": len(services.streams)}
+    )
 
 
 async def list_models(request: Request) -> Response:
@@ -99,6 +106,29 @@ def create_app(
             leases.start()
             stack.push_async_callback(leases.aclose)
 
+            sessions: SessionStore
+            buffer: StreamBuffer
+            if settings.redis_url is not None:
+                # A client of its own, apart from the limiter's: resume reads block (XREAD BLOCK)
+                # for up to a second, far longer than a limiter decision may take.
+                redis = Redis.from_url(
+                    settings.redis_url,
+                    socket_connect_timeout=1.0,
+                    socket_timeout=5.0,
+                    health_check_interval=30,
+                    max_connections=settings.redis_max_connections,
+                )
+                stack.push_async_callback(redis.aclose)
+                sessions = RedisSessionStore(redis, HistoryPolicy.from_settings(settings))
+                buffer = RedisStreamBuffer(
+                    redis, ttl_seconds=settings.resume_ttl_seconds, max_frames=settings.resume_max_frames
+                )
+            else:
+                sessions = MemorySessionStore(HistoryPolicy.from_settings(settings))
+                buffer = MemoryStreamBuffer(
+                    ttl_seconds=settings.resume_ttl_seconds, max_frames=settings.resume_max_frames
+                )
+
             upstream = provider
             if upstream is None:
                 bedrock = BedrockProvider(
@@ -112,18 +142,30 @@ def create_app(
                 stack.push_async_callback(bedrock.aclose)
                 upstream = bedrock
 
+            meter = RecentUsage()
+            streams = StreamRegistry(
+                provider=upstream,
+                limiter=limiter,
+                leases=leases,
+                buffer=buffer,
+                sessions=sessions,
+                meter=meter,
+                grace_seconds=settings.stream_grace_seconds,
+                flush_interval=settings.resume_flush_ms / 1000,
+            )
             app.state.services = Services(
                 settings=settings,
                 verifier=verifier,
                 tenants=registry,
                 limiter=limiter,
-                provider=upstream,
                 leases=leases,
+                sessions=sessions,
+                streams=streams,
+                meter=meter,
             )
-            app.state.draining = False
+            stack.push_async_callback(streams.cancel_all)
             log.info("hubgate ready", extra={"instance": settings.instance_id})
             yield
-            app.state.draining = True
 
     return Starlette(
         routes=[

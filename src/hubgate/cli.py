@@ -4,49 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import secrets
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
 
+from hubgate.server import HubgateServer, QuietServer, uvicorn_config
 from hubgate.settings import Settings, SettingsError
 
 DEV_SECRET_BYTES = 32
 DEV_USER = "dev-user"
-
-
-def uvicorn_config(app: Any, settings: Settings, *, loop: str = "uvloop") -> uvicorn.Config:
-    """The uvicorn configuration hubgate runs under (shared by `serve` and `dev`)."""
-    return uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop=loop,
-        lifespan="on",
-        # The sans-I/O websockets implementation, named explicitly: `auto` would pick whatever
-        # happens to be installed, and the legacy implementation is deprecated upstream.
-        ws="websockets-sansio",
-        ws_max_size=settings.max_message_bytes,
-        ws_ping_interval=settings.ping_interval_seconds or None,
-        ws_ping_timeout=settings.ping_timeout_seconds or None,
-        # Compression costs CPU and ~64 KiB of zlib state per connection; chat frames are small.
-        ws_per_message_deflate=False,
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=max(1, int(settings.drain_seconds)),
-    )
-
-
-class EmbeddedServer(uvicorn.Server):
-    """A uvicorn server that leaves signal handling to the main server of the process."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 def _settings(overrides: dict[str, Any]) -> Settings:
@@ -72,8 +42,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from hubgate.app import create_app
 
     settings = _settings({"host": args.host, "port": args.port})
-    config = uvicorn_config(create_app(settings), settings, loop=_loop_name())
-    uvicorn.Server(config).run()
+    app = create_app(settings)
+    HubgateServer(uvicorn_config(app, settings, loop=_loop_name()), app, settings).run()
     return 0
 
 
@@ -131,8 +101,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "hubgate-dev")
 
     loop = _loop_name()
-    gateway = uvicorn.Server(uvicorn_config(create_app(settings, tenants=registry), settings, loop=loop))
-    emulator = EmbeddedServer(
+    app = create_app(settings, tenants=registry)
+    gateway = HubgateServer(uvicorn_config(app, settings, loop=loop), app, settings)
+    emulator = QuietServer(
         uvicorn.Config(
             create_emulator(emulator_config),
             host="127.0.0.1",

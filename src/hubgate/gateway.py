@@ -27,34 +27,25 @@ from hubgate.errors import (
     CloseCode,
     DuplicateId,
     GatewayError,
-    InvalidMessage,
     LimiterUnavailable,
     ModelNotAllowed,
     RefreshRefused,
     RequestError,
-    StreamNotFound,
     TenantRefused,
     TokenExpired,
     TooManyConnections,
     TooManyStreams,
-    UpstreamError,
 )
 from hubgate.leases import LeaseKeeper
-from hubgate.providers.base import Completion, Provider, ProviderRequest, Turn
-from hubgate.ratelimit.base import Admission, Limiter
+from hubgate.metering import RecentUsage
+from hubgate.ratelimit.base import Limiter
+from hubgate.resume import StreamKey
+from hubgate.sessions import Session, SessionStore
 from hubgate.settings import Settings
+from hubgate.streams import ActiveStream, OwnerGone, StreamRegistry, StreamRequest
 from hubgate.tenants import Tenant, TenantRegistry
 
 log = logging.getLogger("hubgate.gateway")
-
-
-def estimate_input_tokens(system: str | None, messages: tuple[protocol.ChatMessage, ...]) -> int:
-    """Approximate input tokens before Bedrock counts them: about four characters a token.
-
-    Used only for the reservation; settlement uses Bedrock's real count.
-    """
-    chars = len(system or "") + sum(len(m.content) for m in messages)
-    return max(1, -(-chars // 4))
 
 
 @dataclass(slots=True)
@@ -65,9 +56,12 @@ class Services:
     verifier: JwtVerifier
     tenants: TenantRegistry
     limiter: Limiter
-    provider: Provider
     leases: LeaseKeeper
+    sessions: SessionStore
+    streams: StreamRegistry
+    meter: RecentUsage
     connections: set[Connection] = field(default_factory=set)
+    draining: bool = False
 
 
 class State(enum.Enum):
@@ -76,13 +70,6 @@ class State(enum.Enum):
     OPEN = "open"
     EXPIRED = "expired"  # token past exp: running streams finish, new ones are refused
     CLOSED = "closed"
-
-
-@dataclass(slots=True)
-class ActiveStream:
-    request_id: str
-    task: asyncio.Task[None] | None = None
-    cancel_requested: bool = False
 
 
 class _Closed(Exception):
@@ -100,7 +87,8 @@ class Connection:
         self.state = State.HANDSHAKE
         self.identity: Identity | None = None
         self.tenant: Tenant | None = None
-        self.streams: dict[str, ActiveStream] = {}
+        self._replays: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._lease = f"{self.settings.instance_id}:{self.id}"
         self._lease_tenant: str | None = None
         self._expiry_task: asyncio.Task[None] | None = None
@@ -130,6 +118,11 @@ class Connection:
 
     async def _handshake(self) -> bool:
         """Refuse with a real HTTP response before the upgrade, or accept and authenticate."""
+        if self.s.draining:
+            await self._deny(
+                503, "draining", "this instance is shutting down; reconnect", {"Retry-After": "1"}
+            )
+            return False
         origin = self.ws.headers.get("origin")
         if self.settings.allowed_origins and origin not in self.settings.allowed_origins:
             await self._deny(403, "origin_not_allowed", "this Origin is not allowed")
@@ -272,7 +265,7 @@ class Connection:
             case protocol.Chat():
                 self._start_chat(message)
             case protocol.Cancel():
-                self._cancel(message.id)
+                await self._cancel(message.id)
             case protocol.Ping():
                 frame: dict[str, Any] = {"type": "pong"}
                 if message.id is not None:
@@ -281,9 +274,9 @@ class Connection:
             case protocol.Auth():
                 await self._refresh(message.token)
             case protocol.Resume():
-                raise StreamNotFound("no resumable stream with this id")
+                await self._resume(message)
             case protocol.SessionCreate() | protocol.SessionGet() | protocol.SessionDelete():
-                raise InvalidMessage("sessions are not enabled on this gateway")
+                await self._session(message)
             case _:
                 assert_never(message)
 
@@ -305,13 +298,6 @@ class Connection:
         self._start_expiry_watch()
         await self._send_frame({"type": "auth.ok", "expires_at": int(fresh.expires_at)})
 
-    def _cancel(self, request_id: str) -> None:
-        active = self.streams.get(request_id)
-        if active is None or active.task is None:
-            raise StreamNotFound("no active request with this id")
-        active.cancel_requested = True
-        active.task.cancel()
-
     # ------------------------------------------------------------------ token expiry
 
     def _start_expiry_watch(self) -> None:
@@ -331,120 +317,124 @@ class Connection:
         if delay > 0:
             await asyncio.sleep(delay)
         self.state = State.EXPIRED
-        if not self.streams:
-            await self._close(CloseCode.UNAUTHORIZED, "token expired")
+        self._maybe_close_idle()
 
     # ------------------------------------------------------------------ streams
+
+    def _key(self, request_id: str) -> StreamKey:
+        identity, tenant = self._who()
+        return StreamKey(tenant.id, identity.user, request_id)
+
+    def in_flight(self) -> int:
+        """Requests this connection is receiving: streams it owns plus replays from the buffer."""
+        return len(self.s.streams.owned_by(self)) + len(self._replays)
+
+    def _check_capacity(self) -> None:
+        if self.in_flight() >= self.settings.max_streams_per_connection:
+            raise TooManyStreams(
+                f"at most {self.settings.max_streams_per_connection} concurrent requests per connection"
+            )
 
     def _start_chat(self, chat: protocol.Chat) -> None:
         if self.state is State.EXPIRED:
             raise TokenExpired("the token has expired; send `auth` with a fresh token")
-        if chat.id in self.streams:
-            raise DuplicateId("a request with this id is already streaming on this connection")
-        if len(self.streams) >= self.settings.max_streams_per_connection:
-            raise TooManyStreams(
-                f"at most {self.settings.max_streams_per_connection} concurrent requests per connection"
-            )
+        key = self._key(chat.id)
+        if key in self.s.streams.active or chat.id in self._replays:
+            raise DuplicateId("a request with this id is already streaming")
+        self._check_capacity()
         _, tenant = self._who()
         model = chat.model or tenant.default_model
         if not tenant.allows(model):
             raise ModelNotAllowed(f"model {model[:200]!r} is not available to this tenant")
-        active = ActiveStream(chat.id)
-        self.streams[chat.id] = active
-        active.task = asyncio.create_task(
-            self._run_stream(chat, model, active), name=f"stream-{chat.id[:32]}"
+        request = StreamRequest(
+            key=key,
+            tenant=tenant,
+            connection_id=self.id,
+            model=model,
+            chat=chat,
+            max_tokens=chat.max_tokens or tenant.default_max_tokens,
+            lease=f"{self._lease}:{chat.id}",
         )
+        self.s.streams.start(request, self)
 
-    async def _run_stream(self, chat: protocol.Chat, model: str, active: ActiveStream) -> None:
-        identity, tenant = self._who()
-        received = time.monotonic()
-        frames = protocol.FrameBuilder(chat.id)
-        max_tokens = chat.max_tokens or tenant.default_max_tokens
-        input_estimate = estimate_input_tokens(chat.system, chat.messages)
-        lease = f"{self._lease}:{chat.id}"
-        admission: Admission | None = None
-        used_tokens = 0
-        deltas = 0
-        ttft_ms: float | None = None
-        started = False
+    async def _resume(self, message: protocol.Resume) -> None:
+        key = self._key(message.id)
+        if message.id in self._replays:
+            raise DuplicateId("this request is already being resumed on this connection")
+        self._check_capacity()
+        task = asyncio.create_task(self._run_resume(key, message.after), name=f"resume-{message.id[:32]}")
+        self._replays[message.id] = task
+
+    async def _run_resume(self, key: StreamKey, after: int) -> None:
         try:
-            try:
-                admission = await self.s.limiter.admit(
-                    tenant.id,
-                    identity.user,
-                    tenant.limits,
-                    lease=lease,
-                    estimate_tokens=input_estimate + max_tokens,
-                    now=time.time(),
-                )
-            except RequestError as exc:
-                await self._send(frames.error(exc.code, exc.message, exc.retry_after))
-                return
-            self.s.leases.add(tenant.id, lease)
-            limits = {
-                "requests_remaining": admission.remaining_requests,
-                "tokens_remaining": admission.remaining_tokens,
-                "reset_seconds": round(admission.reset_seconds, 3),
-            }
-            request = ProviderRequest(
-                model=model,
-                messages=tuple(Turn(m.role, m.content) for m in chat.messages),
-                max_tokens=max_tokens,
-                system=chat.system,
-                temperature=chat.temperature,
-                top_p=chat.top_p,
-                stop=chat.stop,
-            )
-            send = self._send
-            try:
-                async for item in self.s.provider.stream(request):
-                    if not started:
-                        started = True
-                        await send(frames.start(model, limits))
-                    if isinstance(item, str):
-                        if ttft_ms is None:
-                            ttft_ms = (time.monotonic() - received) * 1000
-                        deltas += 1
-                        await send(frames.delta(item))
-                    else:
-                        used_tokens = item.input_tokens + item.output_tokens
-                        await send(self._end_frame(frames, item, ttft_ms, received))
-            except UpstreamError as exc:
-                # Bedrock bills what it generated; count what reached us.
-                used_tokens = input_estimate + deltas if deltas else 0
-                await send(frames.error(exc.code, exc.message))
-            except asyncio.CancelledError:
-                used_tokens = input_estimate + deltas
-                if not active.cancel_requested:
-                    raise
-                if not started:
-                    await send(frames.start(model, limits))
-                partial = Completion("cancelled", input_estimate, deltas)
-                await send(self._end_frame(frames, partial, ttft_ms, received))
-        except _Closed:
-            used_tokens = max(used_tokens, input_estimate + deltas if deltas else 0)
+            await self.s.streams.resume(key, after, self)
+        except RequestError as exc:
+            with contextlib.suppress(_Closed):
+                await self._send_frame(protocol.error_frame(exc.code, exc.message, request_id=key.request_id))
+        except (OwnerGone, _Closed):
+            pass
         finally:
-            self.streams.pop(chat.id, None)
-            if admission is not None:
-                self.s.leases.discard(tenant.id, lease)
-                await self.s.limiter.settle(
-                    admission, tenant.limits, used_tokens=used_tokens, now=time.time()
-                )
-            if self.state is State.EXPIRED and not self.streams:
-                with contextlib.suppress(_Closed):
-                    await self._close(CloseCode.UNAUTHORIZED, "token expired")
+            self._replays.pop(key.request_id, None)
+            self._maybe_close_idle()
 
-    @staticmethod
-    def _end_frame(
-        frames: protocol.FrameBuilder, completion: Completion, ttft_ms: float | None, received: float
-    ) -> str:
-        return frames.end(
-            completion.stop_reason,
-            completion.input_tokens,
-            completion.output_tokens,
-            ttft_ms,
-            (time.monotonic() - received) * 1000,
-        )
+    async def _cancel(self, request_id: str) -> None:
+        await self.s.streams.cancel(self._key(request_id))
+
+    async def deliver(self, text: str) -> None:
+        """Owner interface: send one frame of a stream this connection receives."""
+        try:
+            await self._send(text)
+        except _Closed as exc:
+            raise OwnerGone from exc
+
+    def released(self, stream: ActiveStream) -> None:
+        """Owner interface: a stream finished or moved to another connection."""
+        self._maybe_close_idle()
+
+    def _maybe_close_idle(self) -> None:
+        """Close once nothing is in flight, if the token expired or the server is draining."""
+        if self.state is State.CLOSED or self._closing or self.in_flight():
+            return
+        if self.state is State.EXPIRED:
+            self._close_soon(CloseCode.UNAUTHORIZED, "token expired")
+        elif self.s.draining:
+            self._close_soon(CloseCode.SERVICE_RESTART, "server restarting")
+
+    def _close_soon(self, code: int, reason: str) -> None:
+        task = asyncio.create_task(self._close(code, reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def start_draining(self, *, close_now: bool) -> None:
+        """Tell the client the server is going away; close now or when nothing is in flight."""
+        with contextlib.suppress(_Closed):
+            await self._send_frame({"type": "draining"})
+        if close_now or not self.in_flight():
+            await self._close(CloseCode.SERVICE_RESTART, "server restarting")
+
+    # ------------------------------------------------------------------ sessions
+
+    async def _session(
+        self, message: protocol.SessionCreate | protocol.SessionGet | protocol.SessionDelete
+    ) -> None:
+        identity, tenant = self._who()
+        store = self.s.sessions
+        frame: dict[str, Any]
+        match message:
+            case protocol.SessionCreate():
+                session = await store.create(tenant.id, identity.user, system=message.system, now=time.time())
+                frame = _session_frame(session, with_messages=False)
+            case protocol.SessionGet():
+                session = await store.get(tenant.id, identity.user, message.session, now=time.time())
+                frame = _session_frame(session, with_messages=True)
+            case protocol.SessionDelete():
+                await store.delete(tenant.id, identity.user, message.session)
+                frame = {"type": "session.deleted", "session": message.session}
+            case _:
+                assert_never(message)
+        if message.id is not None:
+            frame["id"] = message.id
+        await self._send_frame(frame)
 
     # ------------------------------------------------------------------ sending and closing
 
@@ -472,15 +462,16 @@ class Connection:
         await self._close(CloseCode.SERVICE_RESTART, "server restarting")
 
     async def _teardown(self) -> None:
-        """Cancel what is still running and give back every lease this connection held."""
+        """Detach running streams (they keep going for the grace period) and give the lease back."""
         self.state = State.CLOSED
         if self._expiry_task is not None:
             self._expiry_task.cancel()
-        tasks = [a.task for a in self.streams.values() if a.task is not None]
-        for task in tasks:
+        self.s.streams.detach(self)
+        replays = list(self._replays.values())
+        for task in replays:
             task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        if replays:
+            await asyncio.gather(*replays, return_exceptions=True)
         if self._lease_tenant is not None:
             self.s.leases.discard(self._lease_tenant, self._lease)
             await _quietly(self.s.limiter.release_connection(self._lease_tenant, lease=self._lease))
@@ -491,6 +482,14 @@ async def _quietly(call: Awaitable[None]) -> None:
         await call
     except GatewayError:
         log.warning("limiter refused a release; the lease expires by itself")
+
+
+def _session_frame(session: Session, *, with_messages: bool) -> dict[str, Any]:
+    frame: dict[str, Any] = {"type": "session", "session": session.id}
+    if with_messages:
+        frame["system"] = session.system
+        frame["messages"] = [{"role": m.role, "content": m.content} for m in session.messages]
+    return frame
 
 
 async def stream_endpoint(websocket: WebSocket) -> None:

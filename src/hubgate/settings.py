@@ -129,6 +129,7 @@ class Settings:
     resume_ttl_seconds: float = 300.0
     resume_max_frames: int = 10000
     stream_grace_seconds: float = 30.0
+    resume_flush_ms: float = 100.0
     drain_seconds: float = 90.0
 
     # Emulator used by `hubgate dev` and the tests (never by production)
@@ -192,6 +193,7 @@ class Settings:
             resume_ttl_seconds=_float(env, "RESUME_TTL_SECONDS", defaults.resume_ttl_seconds, 1.0),
             resume_max_frames=_int(env, "RESUME_MAX_FRAMES", defaults.resume_max_frames, 16),
             stream_grace_seconds=_float(env, "STREAM_GRACE_SECONDS", defaults.stream_grace_seconds),
+            resume_flush_ms=_float(env, "RESUME_FLUSH_MS", defaults.resume_flush_ms, 1.0),
             drain_seconds=_float(env, "DRAIN_SECONDS", defaults.drain_seconds),
             emulator_ttft_ms=_float(env, "EMULATOR_TTFT_MS", defaults.emulator_ttft_ms),
             emulator_token_delay_ms=_float(env, "EMULATOR_TOKEN_DELAY_MS", defaults.emulator_token_delay_ms),

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from hubgate.app import create_app
-from hubgate.cli import EmbeddedServer, uvicorn_config
+from hubgate.server import EmbeddedServer, uvicorn_config
 from hubgate.settings import Settings
 from tests.support.redis_server import free_port, wait_for_port
 
@@ -49,7 +49,8 @@ def gateway_settings(emulator_url: str, **changes: object) -> Settings:
 async def running_gateway(settings: Settings) -> AsyncIterator[EmbeddedServer]:
     """The real app under a real uvicorn server on a free port, in the current event loop."""
     ensure_aws_env()
-    server = EmbeddedServer(uvicorn_config(create_app(settings), settings, loop="asyncio"))
+    app = create_app(settings)
+    server = EmbeddedServer(uvicorn_config(app, settings, loop="asyncio"), app, settings)
     task = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(20):

@@ -1,0 +1,105 @@
+"""uvicorn, configured for hubgate and with the shutdown order hubgate needs.
+
+uvicorn's own shutdown closes every WebSocket with 1012 at once and then re-raises the
+signal (so the process dies by SIGTERM). ``HubgateServer`` runs the drain sequence
+(``hubgate.drain``) first, while the listening socket still answers ``/readyz`` with 503, and
+exits normally (status 0) once drained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from socket import socket
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+
+from hubgate.drain import drain
+from hubgate.settings import Settings
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def uvicorn_config(app: Any, settings: Settings, *, loop: str = "uvloop") -> uvicorn.Config:
+    """The uvicorn configuration hubgate runs under (shared by `serve`, `dev` and the tests)."""
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop=loop,
+        lifespan="on",
+        # The sans-I/O websockets implementation, named explicitly: `auto` would pick whatever
+        # happens to be installed, and the legacy implementation is deprecated upstream.
+        ws="websockets-sansio",
+        ws_max_size=settings.max_message_bytes,
+        ws_ping_interval=settings.ping_interval_seconds or None,
+        ws_ping_timeout=settings.ping_timeout_seconds or None,
+        # Compression costs CPU and ~64 KiB of zlib state per connection; chat frames are small.
+        ws_per_message_deflate=False,
+        log_level=settings.log_level,
+        access_log=False,
+        # The drain already waited for streams; this only bounds uvicorn's own final wait.
+        timeout_graceful_shutdown=5,
+    )
+
+
+class HubgateServer(uvicorn.Server):
+    """A uvicorn server that drains hubgate's connections and streams before shutting down."""
+
+    def __init__(self, config: uvicorn.Config, app: Starlette, settings: Settings) -> None:
+        super().__init__(config)
+        self.hub_app = app
+        self.settings = settings
+
+    async def shutdown(self, sockets: list[socket] | None = None) -> None:
+        services = getattr(self.hub_app.state, "services", None)
+        if services is not None and not self.force_exit:
+            await drain(
+                services,
+                deadline_seconds=self.settings.drain_seconds,
+                # Closing at once only loses nothing when another instance can resume from a
+                # shared buffer; in memory, wait for each connection's streams to finish.
+                close_now=self.settings.redis_url is not None,
+            )
+        await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Like uvicorn's, without re-raising the signal afterwards: a drained exit is a clean exit."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in _SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # A second SIGINT (Ctrl-C twice) skips the drain; SIGTERM never does.
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+
+class QuietServer(uvicorn.Server):
+    """A plain uvicorn server that leaves signal handling to its host (the emulator in `dev`)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class EmbeddedServer(HubgateServer):
+    """A server that leaves signal handling to its host (the tests, or `hubgate dev`)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield

@@ -1,0 +1,452 @@
+"""Running requests: one task per chat request, owned by the instance rather than the socket.
+
+A stream outlives the connection that started it: when the socket drops it keeps running,
+detached, for a grace period so the client can reconnect (here or on another instance) and
+``resume``. Every frame is kept for the local stream and written, in batches, to the resume
+buffer (Redis when configured), so a resuming client gets every frame after its last ``seq``
+exactly once, in order.
+
+The registry knows nothing about WebSockets: a connection attaches itself as the stream's
+``Owner``, which delivers frames and raises ``OwnerGone`` when its socket is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from hubgate import protocol
+from hubgate.errors import (
+    DuplicateId,
+    GatewayError,
+    RequestError,
+    StreamNotFound,
+    UpstreamError,
+)
+from hubgate.leases import LeaseKeeper
+from hubgate.metering import Meter, UsageRecord
+from hubgate.providers.base import Completion, Provider, ProviderRequest, Turn
+from hubgate.ratelimit.base import Admission, Limiter
+from hubgate.resume import BufferedFrame, BufferWriter, StreamBuffer, StreamKey, replay
+from hubgate.sessions import Message, Session, SessionStore
+from hubgate.tenants import Tenant
+
+log = logging.getLogger("hubgate.streams")
+
+
+class Owner(Protocol):
+    """Where a stream's frames go: a client connection."""
+
+    async def deliver(self, text: str) -> None:
+        """Send one frame's JSON text; raise OwnerGone when the socket is closed."""
+        ...
+
+    def released(self, stream: ActiveStream) -> None:
+        """The stream finished, or another connection took it over."""
+        ...
+
+
+# How often a detached stream checks whether a client resumed it elsewhere (or asked to cancel).
+WATCH_INTERVAL = 0.5
+
+
+class OwnerGone(Exception):
+    """The connection a stream was sending to is closed."""
+
+
+def estimate_input_tokens(system: str | None, contents: list[str]) -> int:
+    """Approximate input tokens before Bedrock counts them: about four characters a token.
+
+    Used only for the reservation; settlement uses Bedrock's real count.
+    """
+    chars = len(system or "") + sum(len(c) for c in contents)
+    return max(1, -(-chars // 4))
+
+
+@dataclass(slots=True)
+class StreamRequest:
+    """Everything a stream needs to run, resolved by the connection that received the chat."""
+
+    key: StreamKey
+    tenant: Tenant
+    connection_id: str
+    model: str
+    chat: protocol.Chat
+    max_tokens: int
+    lease: str
+
+
+@dataclass(eq=False, slots=True)
+class ActiveStream:
+    request: StreamRequest
+    frames: list[str] = field(default_factory=list)  # every frame sent, index == seq
+    owner: Owner | None = None  # the connection frames go to; None while detached
+    task: asyncio.Task[None] | None = None
+    writer: BufferWriter | None = None
+    cancel_requested: bool = False
+    finished: bool = False
+    watcher: asyncio.Task[None] | None = None
+
+    @property
+    def key(self) -> StreamKey:
+        return self.request.key
+
+    def cancel(self) -> None:
+        """Stop the upstream now; the stream ends with `end` stop_reason `cancelled`."""
+        if self.task is not None and not self.finished:
+            self.cancel_requested = True
+            self.task.cancel()
+
+
+class StreamRegistry:
+    """The streams running on this instance, and how clients attach to them."""
+
+    def __init__(
+        self,
+        *,
+        provider: Provider,
+        limiter: Limiter,
+        leases: LeaseKeeper,
+        buffer: StreamBuffer,
+        sessions: SessionStore,
+        meter: Meter,
+        grace_seconds: float,
+        flush_interval: float,
+    ) -> None:
+        self._provider = provider
+        self._limiter = limiter
+        self._leases = leases
+        self._buffer = buffer
+        self._sessions = sessions
+        self._meter = meter
+        self._grace = grace_seconds
+        self._flush_interval = flush_interval
+        self.active: dict[StreamKey, ActiveStream] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __len__(self) -> int:
+        return len(self.active)
+
+    # ------------------------------------------------------------------ starting
+
+    def start(self, request: StreamRequest, owner: Owner) -> ActiveStream:
+        """Register and start one request; DuplicateId if this user already runs that id here."""
+        if request.key in self.active:
+            raise DuplicateId("a request with this id is already streaming")
+        stream = ActiveStream(request, owner=owner)
+        self.active[request.key] = stream
+        self._idle.clear()
+        stream.task = asyncio.create_task(self._run(stream), name=f"stream-{request.key.request_id[:32]}")
+        return stream
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    # ------------------------------------------------------------------ attaching
+
+    def owned_by(self, owner: Owner) -> list[ActiveStream]:
+        return [s for s in self.active.values() if s.owner is owner]
+
+    def detach(self, owner: Owner) -> None:
+        """The owner's socket is gone: its streams keep running for the grace period."""
+        for stream in list(self.active.values()):
+            if stream.owner is owner:
+                self._detach(stream)
+
+    def _detach(self, stream: ActiveStream) -> None:
+        stream.owner = None
+        if stream.watcher is None and not stream.finished:
+            stream.watcher = asyncio.create_task(self._watch_detached(stream))
+
+    async def resume(self, key: StreamKey, after: int, owner: Owner) -> None:
+        """Send every frame after `after`, then the live tail, to `owner`.
+
+        A stream running here is re-attached directly; anything else is replayed from the
+        resume buffer (written by whichever instance runs it). StreamNotFound when neither has it.
+        """
+        stream = self.active.get(key)
+        if stream is not None and not stream.finished:
+            await self._attach_local(stream, after, owner)
+            return
+        await self._replay_remote(key, after, owner)
+
+    async def _attach_local(self, stream: ActiveStream, after: int, owner: Owner) -> None:
+        # Another socket of the same user may still hold it (the old one not yet known dead).
+        previous = stream.owner
+        stream.owner = None
+        if previous is not None:
+            previous.released(stream)
+        if stream.watcher is not None:
+            stream.watcher.cancel()
+            stream.watcher = None
+        next_seq = after + 1
+        if next_seq > len(stream.frames) and not stream.frames:
+            next_seq = 0
+        try:
+            while True:
+                pending = stream.frames[next_seq:]
+                if not pending:
+                    if stream.finished:
+                        return
+                    # No await between this check and the attach: the producer cannot slip a
+                    # frame in between, so nothing is lost and nothing is sent twice.
+                    stream.owner = owner
+                    return
+                for text in pending:
+                    await owner.deliver(text)
+                next_seq += len(pending)
+        except OwnerGone:
+            if not stream.finished and stream.owner is None:
+                self._detach(stream)
+            raise
+
+    async def _replay_remote(self, key: StreamKey, after: int, owner: Owner) -> None:
+        """Tail the shared buffer (written by the instance that runs the request)."""
+        async for frame in replay(self._buffer, key, after, poll_seconds=1.0):
+            await owner.deliver(frame.data.decode())
+
+    async def cancel(self, key: StreamKey) -> None:
+        """Cancel a request by id: here if it runs here, else through the shared buffer."""
+        stream = self.active.get(key)
+        if stream is not None and not stream.finished:
+            stream.cancel()
+            return
+        raise StreamNotFound("no active request with this id")
+
+    async def _watch_detached(self, stream: ActiveStream) -> None:
+        """Cancel a detached stream nobody resumed within the grace period."""
+        deadline = time.monotonic() + self._grace
+        while time.monotonic() < deadline:
+            await asyncio.sleep(min(WATCH_INTERVAL, max(0.0, deadline - time.monotonic())))
+            if stream.owner is not None or stream.finished:
+                return
+        stream.watcher = None
+        if stream.owner is None and not stream.finished:
+            log.info("no resume within the grace period; cancelling %s", stream.key.request_id)
+            stream.cancel()
+
+    # ------------------------------------------------------------------ running
+
+    async def _emit(self, stream: ActiveStream, text: str, *, terminal: bool = False) -> None:
+        seq = len(stream.frames)
+        stream.frames.append(text)
+        if stream.writer is not None:
+            stream.writer.push(BufferedFrame(seq, text.encode(), terminal))
+        owner = stream.owner
+        if owner is not None:
+            try:
+                await owner.deliver(text)
+            except OwnerGone:
+                if stream.owner is owner:
+                    self._detach(stream)
+
+    async def _run(self, stream: ActiveStream) -> None:
+        request = stream.request
+        key, tenant, chat = request.key, request.tenant, request.chat
+        received = time.monotonic()
+        frames = protocol.FrameBuilder(chat.id)
+        admission: Admission | None = None
+        session: Session | None = None
+        deltas: list[str] = []
+        ttft_ms: float | None = None
+        completion: Completion | None = None
+        error_code: str | None = None
+        input_estimate = 0
+        reached_upstream = False
+        try:
+            try:
+                history: tuple[Message, ...] = ()
+                system = chat.system
+                if chat.session is not None:
+                    session = await self._sessions.get(key.tenant, key.user, chat.session, now=time.time())
+                    history = session.messages
+                    system = chat.system if chat.system is not None else session.system
+                turns = tuple(Turn(m.role, m.content) for m in history) + tuple(
+                    Turn(m.role, m.content) for m in chat.messages
+                )
+                input_estimate = estimate_input_tokens(system, [t.content for t in turns])
+                admission = await self._limiter.admit(
+                    key.tenant,
+                    key.user,
+                    tenant.limits,
+                    lease=request.lease,
+                    estimate_tokens=input_estimate + request.max_tokens,
+                    now=time.time(),
+                )
+            except RequestError as exc:
+                await self._emit(stream, frames.error(exc.code, exc.message, exc.retry_after), terminal=True)
+                return
+            self._leases.add(key.tenant, request.lease)
+            stream.writer = await self._open_writer(key)
+            limits = {
+                "requests_remaining": admission.remaining_requests,
+                "tokens_remaining": admission.remaining_tokens,
+                "reset_seconds": round(admission.reset_seconds, 3),
+            }
+            provider_request = ProviderRequest(
+                model=request.model,
+                messages=turns,
+                max_tokens=request.max_tokens,
+                system=system,
+                temperature=chat.temperature,
+                top_p=chat.top_p,
+                stop=chat.stop,
+            )
+            started = False
+            try:
+                reached_upstream = True
+                async for item in self._provider.stream(provider_request):
+                    if not started:
+                        started = True
+                        await self._emit(stream, frames.start(request.model, limits, chat.session))
+                    if isinstance(item, str):
+                        if ttft_ms is None:
+                            ttft_ms = (time.monotonic() - received) * 1000
+                        deltas.append(item)
+                        await self._emit(stream, frames.delta(item))
+                    else:
+                        completion = item
+                if completion is None:
+                    raise UpstreamError("the model stream ended before it was complete")
+                if session is not None and completion.stop_reason != "cancelled":
+                    reply = Message("assistant", "".join(deltas))
+                    user_messages = [Message(m.role, m.content) for m in chat.messages]
+                    await self._sessions.append_turn(
+                        key.tenant, key.user, session.id, user_messages, reply, now=time.time()
+                    )
+                await self._emit(stream, self._end(frames, completion, ttft_ms, received), terminal=True)
+            except UpstreamError as exc:
+                error_code = exc.code
+                await self._emit(stream, frames.error(exc.code, exc.message), terminal=True)
+            except asyncio.CancelledError:
+                if not stream.cancel_requested:
+                    raise
+                completion = Completion("cancelled", input_estimate, len(deltas))
+                if not started:
+                    await self._emit(stream, frames.start(request.model, limits, chat.session))
+                await self._emit(stream, self._end(frames, completion, ttft_ms, received), terminal=True)
+        except GatewayError as exc:
+            # Anything else the services raise (e.g. a session store failure) ends this request
+            # with a frame, never a dropped connection.
+            error_code = exc.code
+            await self._emit(stream, frames.error(exc.code, exc.message), terminal=True)
+        finally:
+            stream.finished = True
+            if stream.watcher is not None:
+                stream.watcher.cancel()
+            await self._finish(
+                stream,
+                admission=admission,
+                completion=completion,
+                deltas=len(deltas),
+                input_estimate=input_estimate,
+                error_code=error_code,
+                ttft_ms=ttft_ms,
+                duration_ms=(time.monotonic() - received) * 1000,
+                reached_upstream=reached_upstream,
+            )
+
+    async def _open_writer(self, key: StreamKey) -> BufferWriter | None:
+        try:
+            await self._buffer.create(key)
+        except DuplicateId:
+            raise
+        except GatewayError:
+            log.warning("resume buffer unavailable; request %s cannot be resumed", key.request_id)
+            return None
+        return BufferWriter(self._buffer, key, flush_interval=self._flush_interval)
+
+    @staticmethod
+    def _end(
+        frames: protocol.FrameBuilder, completion: Completion, ttft_ms: float | None, received: float
+    ) -> str:
+        return frames.end(
+            completion.stop_reason,
+            completion.input_tokens,
+            completion.output_tokens,
+            ttft_ms,
+            (time.monotonic() - received) * 1000,
+        )
+
+    async def _finish(
+        self,
+        stream: ActiveStream,
+        *,
+        admission: Admission | None,
+        completion: Completion | None,
+        deltas: int,
+        input_estimate: int,
+        error_code: str | None,
+        ttft_ms: float | None,
+        duration_ms: float,
+        reached_upstream: bool,
+    ) -> None:
+        """Flush the buffer, settle the reservation, meter once, unregister. Never raises."""
+        request = stream.request
+        key = request.key
+        try:
+            if stream.writer is not None:
+                await stream.writer.aclose()
+            estimated = completion is None or completion.stop_reason == "cancelled"
+            if completion is not None and completion.stop_reason != "cancelled":
+                input_tokens, output_tokens = completion.input_tokens, completion.output_tokens
+            elif deltas:
+                # Bedrock bills what it generated; without its metadata, count what reached us.
+                input_tokens, output_tokens = input_estimate, deltas
+            else:
+                input_tokens, output_tokens = (input_estimate, 0) if completion is not None else (0, 0)
+            if admission is not None:
+                self._leases.discard(key.tenant, request.lease)
+                await self._limiter.settle(
+                    admission,
+                    request.tenant.limits,
+                    used_tokens=input_tokens + output_tokens,
+                    now=time.time(),
+                )
+            if reached_upstream:
+                self._meter.record(
+                    UsageRecord(
+                        request_id=key.request_id,
+                        connection_id=request.connection_id,
+                        tenant=key.tenant,
+                        user=key.user,
+                        model=request.model,
+                        input_tokens=input_tokens,
+                        output_tokens=output_tokens,
+                        estimated=estimated,
+                        ttft_ms=ttft_ms,
+                        duration_ms=duration_ms,
+                        stop_reason=None if completion is None else completion.stop_reason,
+                        error_code=error_code,
+                        timestamp=time.time(),
+                    )
+                )
+        except Exception:  # the stream is over whatever happens here; never leak the registration
+            log.exception("finishing request %s failed", key.request_id)
+        finally:
+            if self.active.get(key) is stream:
+                del self.active[key]
+            if not self.active:
+                self._idle.set()
+            if stream.owner is not None:
+                stream.owner.released(stream)
+
+    async def cancel_all(self) -> None:
+        """Cancel every running stream (each ends with a frame, settles and is metered)."""
+        streams = list(self.active.values())
+        for stream in streams:
+            stream.cancel()
+        tasks = [s.task for s in streams if s.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def quietly(call: Awaitable[None]) -> None:
+    with contextlib.suppress(GatewayError):
+        await call
