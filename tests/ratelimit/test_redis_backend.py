@@ -161,7 +161,7 @@ def test_lua_bucket_functions_match_python(
     sync_client.delete(key)
     state: Bucket | None = None
     if stored:
-        sync_client.hset(key, mapping={"l": str(level), "t": str(stored_at)})
+        sync_client.set(key, f"{level}:{stored_at}")
         state = Bucket(level, stored_at)
     now = stored_at + offset
     need = pure.need_units(cost, burst)

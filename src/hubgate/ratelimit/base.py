@@ -8,10 +8,10 @@ both call the functions below so that they decide identically.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from hubgate.errors import RateLimited, RequestError, TokenRateLimited, TooManyConnections, TooManyStreams
 from hubgate.ratelimit import buckets
@@ -19,6 +19,8 @@ from hubgate.ratelimit.buckets import Bucket
 from hubgate.ratelimit.policy import LimitPolicy
 
 Snapshot = dict[str, float | int | None]
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +204,7 @@ def build_admission(
     tenant: str,
     user: str,
     policy: LimitPolicy,
+    limits: Rates,
     *,
     lease: str,
     estimate_tokens: int,
@@ -211,7 +214,6 @@ def build_admission(
     backend: str,
 ) -> Admission:
     """An Admission from the buckets' levels after the admission (None for a bucket not in use)."""
-    limits = rates(policy)
     remaining: int | None = None
     reset_ms = 0
     for bucket, limit in ((requests, limits.requests), (user_requests, limits.user_requests)):
@@ -265,8 +267,28 @@ def build_snapshot(
     return out
 
 
-def validate_counts(**counts: int) -> None:
+def check_count(name: str, value: int) -> None:
     """Token counts come from estimates and Bedrock usage; a negative one is a caller bug."""
-    for name, value in counts.items():
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+class BoundedCache(Generic[K, V]):
+    """Values derived from a few distinct keys (policies, tenant ids), computed once each.
+
+    Owned by one limiter instance; emptied when it reaches ``size`` so an unexpected variety of
+    keys costs recomputation, never unbounded memory.
+    """
+
+    def __init__(self, build: Callable[[K], V], size: int = 4096) -> None:
+        self._build = build
+        self._size = size
+        self._values: dict[K, V] = {}
+
+    def __call__(self, key: K) -> V:
+        value = self._values.get(key)
+        if value is None:
+            if len(self._values) >= self._size:
+                self._values.clear()
+            value = self._values[key] = self._build(key)
+        return value

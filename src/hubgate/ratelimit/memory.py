@@ -13,18 +13,19 @@ from hubgate.errors import TooManyConnections
 from hubgate.ratelimit import buckets
 from hubgate.ratelimit.base import (
     Admission,
+    BoundedCache,
     Rate,
     Snapshot,
     Verdict,
     build_admission,
     build_snapshot,
+    check_count,
     longest_wait,
     rates,
     refusal,
     refuse_closed_connections,
     refuse_closed_doors,
     tenant_keys,
-    validate_counts,
 )
 from hubgate.ratelimit.buckets import Bucket, to_ms
 from hubgate.ratelimit.policy import LimitPolicy
@@ -45,6 +46,7 @@ class MemoryLimiter:
         self._buckets: dict[str, tuple[Bucket, int]] = {}  # key -> (bucket, ms when full again)
         self._leases: dict[str, dict[str, int]] = {}  # key -> {lease: expiry ms}
         self._calls = 0
+        self._rates = BoundedCache(rates)
 
     @property
     def lease_ttl(self) -> float:
@@ -53,12 +55,13 @@ class MemoryLimiter:
     async def admit(
         self, tenant: str, user: str, policy: LimitPolicy, *, lease: str, estimate_tokens: int, now: float
     ) -> Admission:
-        validate_counts(estimate_tokens=estimate_tokens)
-        refuse_closed_doors(policy)
+        check_count("estimate_tokens", estimate_tokens)
+        if policy.has_zero_limit:
+            refuse_closed_doors(policy)
         now_ms = to_ms(now)
         self._tick(now_ms)
         keys = tenant_keys(tenant)
-        limits = rates(policy)
+        limits = self._rates(policy)
         user_key = keys.user_requests(user)
         streams = self._live(keys.streams, now_ms)
 
@@ -69,6 +72,7 @@ class MemoryLimiter:
                 tenant,
                 user,
                 policy,
+                limits,
                 lease=lease,
                 estimate_tokens=estimate_tokens,
                 requests=requests,
@@ -123,7 +127,7 @@ class MemoryLimiter:
     async def settle(
         self, admission: Admission, policy: LimitPolicy, *, used_tokens: int, now: float
     ) -> None:
-        validate_counts(used_tokens=used_tokens)
+        check_count("used_tokens", used_tokens)
         now_ms = to_ms(now)
         self._tick(now_ms)
         keys = tenant_keys(admission.tenant)
@@ -132,7 +136,7 @@ class MemoryLimiter:
         # the lease expired changes nothing, so a retry can never refund the same tokens twice.
         if streams.pop(admission.stream_lease, None) is None:
             return
-        limit = rates(policy).tokens
+        limit = self._rates(policy).tokens
         delta = admission.reserved_tokens - used_tokens
         if limit is None or delta == 0:
             return
@@ -167,7 +171,7 @@ class MemoryLimiter:
     async def snapshot(self, tenant: str, policy: LimitPolicy, *, now: float) -> Snapshot:
         now_ms = to_ms(now)
         keys = tenant_keys(tenant)
-        limits = rates(policy)
+        limits = self._rates(policy)
         return build_snapshot(
             policy,
             requests=self._current(keys.requests, limits.requests, now_ms),

@@ -49,6 +49,20 @@ class LimitPolicy:
                 raise ValueError(f"limits.{burst} needs limits.{rate}")
 
     @property
+    def has_zero_limit(self) -> bool:
+        """Does some figure close a door (see ``base.refuse_closed_doors``)?"""
+        return 0 in (
+            self.requests_per_minute,
+            self.request_burst,
+            self.tokens_per_minute,
+            self.token_burst,
+            self.per_user_requests_per_minute,
+            self.per_user_request_burst,
+            self.max_connections,
+            self.max_concurrent_streams,
+        )
+
+    @property
     def request_capacity(self) -> int | None:
         """Capacity of the tenant's request bucket (None: unlimited)."""
         return _burst(self.requests_per_minute, self.request_burst)

@@ -8,7 +8,8 @@ same inputs. Things the scripts deliberately avoid:
 * ``redis.call('TIME')``: ElastiCache Serverless refuses it, and the caller's clock is the one
   the buckets must follow anyway (``now`` is passed in; the bucket never goes backwards).
 * keys outside one tenant's hash tag: a script's keys must share a slot in cluster mode.
-* floating-point state: levels and times are integers (see ``buckets``), stored as decimal strings.
+* floating-point state: levels and times are integers (see ``buckets``); a bucket is one string
+  key ``"<level units>:<ms>"`` written with ``SET ... PX`` (one call for value and expiry).
 
 This is the bare adapter: redis-py errors propagate. The gateway uses it through
 ``ResilientLimiter``, which owns timeouts, retries, the breaker and the fallback.
@@ -27,17 +28,20 @@ from redis.exceptions import NoScriptError
 from hubgate.errors import TooManyConnections
 from hubgate.ratelimit.base import (
     Admission,
+    BoundedCache,
     Rate,
+    Rates,
     Snapshot,
+    TenantKeys,
     Verdict,
     build_admission,
     build_snapshot,
+    check_count,
     rates,
     refusal,
     refuse_closed_connections,
     refuse_closed_doors,
     tenant_keys,
-    validate_counts,
 )
 from hubgate.ratelimit.buckets import UNITS_PER_TOKEN, Bucket, to_ms
 from hubgate.ratelimit.policy import LimitPolicy
@@ -66,9 +70,10 @@ end
 -- buckets.refill: the level (units) as of max(now, stored time); a missing key is a full bucket.
 local function refill(key, burst, rate, now)
   local cap = burst * U
-  local v = redis.call('HMGET', key, 'l', 't')
-  if not v[1] then return cap, now end
-  local level, at = tonumber(v[1]), tonumber(v[2])
+  local v = redis.call('GET', key)
+  if not v then return cap, now end
+  local l, a = string.match(v, '^(-?%d+):(%d+)$')
+  local level, at = tonumber(l), tonumber(a)
   local t = math.max(now, at)
   level = level + (t - at) * rate
   if level > cap then level = cap end
@@ -81,32 +86,40 @@ local function wait_ms(level, need, rate)
   return ceil_div(need - level, rate)
 end
 
+-- One SET with PX: the state "<level>:<ms>" and its expiry in a single call.
 local function store(key, level, t, burst, rate)
-  redis.call('HSET', key, 'l', string.format('%d', level), 't', string.format('%d', t))
-  redis.call('PEXPIRE', key, wait_ms(level, burst * U, rate) + {BUCKET_SLACK_MS})
+  local ttl = wait_ms(level, burst * U, rate) + {BUCKET_SLACK_MS}
+  redis.call('SET', key, string.format('%d:%d', level, t), 'PX', string.format('%d', ttl))
 end
 """
 
 # KEYS: requests, user requests, tokens, streams.
-# ARGV: now_ms, lease, lease_ttl_ms, lease_key_ttl_ms, max_streams (-1: unlimited),
-#       request burst, rate, user burst, rate, token burst, rate (burst 0: bucket not in use),
-#       estimate_tokens.
-# Returns {verdict, wait_ms, request level, user level, token level}; see base.Verdict.
+# ARGV: now_ms, lease, estimate_tokens, and the plan: one string of integers
+#       "lease_ttl_ms:lease_key_ttl_ms:max_streams:request burst:rate:user burst:rate:token burst:rate"
+#       (max_streams -1: unlimited; burst 0: bucket not in use). The plan is built once per policy:
+#       a dozen separate arguments cost more to encode in redis-py than the script takes to parse one.
+# Returns "verdict:wait_ms:request level:user level:token level" (see base.Verdict), one string
+#       for the same reason: the pure-Python RESP parser pays per element of an array reply.
 ADMIT_LUA = (
     LUA_BUCKETS
     + """
 local now = tonumber(ARGV[1])
 local lease = ARGV[2]
-local expiry = string.format('%d', now + tonumber(ARGV[3]))
-local key_ttl = ARGV[4]
-local max_streams = tonumber(ARGV[5])
-local estimate = tonumber(ARGV[12])
+local estimate = tonumber(ARGV[3])
+local p = {}
+for n in string.gmatch(ARGV[4], '-?%d+') do p[#p + 1] = tonumber(n) end
+local expiry = string.format('%d', now + p[1])
+local key_ttl = p[2]
+local max_streams = p[3]
 local spec = {
-  {KEYS[1], tonumber(ARGV[6]), tonumber(ARGV[7]), 1, 2},
-  {KEYS[2], tonumber(ARGV[8]), tonumber(ARGV[9]), 1, 3},
-  {KEYS[3], tonumber(ARGV[10]), tonumber(ARGV[11]), estimate, 4},
+  {KEYS[1], p[4], p[5], 1, 2},
+  {KEYS[2], p[6], p[7], 1, 3},
+  {KEYS[3], p[8], p[9], estimate, 4},
 }
 local levels, ats = {0, 0, 0}, {0, 0, 0}
+local function reply(verdict, wait)
+  return string.format('%d:%d:%d:%d:%d', verdict, wait, levels[1], levels[2], levels[3])
+end
 
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[1])
 if redis.call('ZSCORE', KEYS[4], lease) then
@@ -116,10 +129,10 @@ if redis.call('ZSCORE', KEYS[4], lease) then
   for i, b in ipairs(spec) do
     if b[2] > 0 then levels[i] = refill(b[1], b[2], b[3], now) end
   end
-  return {0, 0, levels[1], levels[2], levels[3]}
+  return reply(0, 0)
 end
 if max_streams >= 0 and redis.call('ZCARD', KEYS[4]) >= max_streams then
-  return {1, 0, 0, 0, 0}
+  return reply(1, 0)
 end
 
 -- Check every bucket before charging any: all or nothing. Report the longest wait.
@@ -131,7 +144,7 @@ for i, b in ipairs(spec) do
     if w > longest then verdict, longest = b[5], w end
   end
 end
-if verdict ~= 0 then return {verdict, longest, 0, 0, 0} end
+if verdict ~= 0 then return reply(verdict, longest) end
 
 for i, b in ipairs(spec) do
   if b[2] > 0 then
@@ -141,7 +154,7 @@ for i, b in ipairs(spec) do
 end
 redis.call('ZADD', KEYS[4], expiry, lease)
 redis.call('PEXPIRE', KEYS[4], key_ttl)
-return {0, 0, levels[1], levels[2], levels[3]}
+return reply(0, 0)
 """
 )
 
@@ -233,6 +246,40 @@ def _bucket_args(limit: Rate | None) -> tuple[int, int]:
     return (0, 0) if limit is None else (limit.burst, limit.per_minute)
 
 
+def _ints(reply: bytes | str) -> list[int]:
+    """A reply of colon-separated integers (bytes, or str on a client with decode_responses)."""
+    return [int(part) for part in (reply.split(b":") if isinstance(reply, bytes) else reply.split(":"))]
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A policy as the scripts take it, built once per distinct policy."""
+
+    rates: Rates
+    admit_plan: bytes  # ADMIT_LUA's ARGV[4]
+    token_args: tuple[int, int]
+    request_args: tuple[int, int]
+
+    @classmethod
+    def of(cls, policy: LimitPolicy, *, lease_ttl_ms: int, lease_key_ttl_ms: int) -> _Plan:
+        limits = rates(policy)
+        streams_cap = -1 if policy.max_concurrent_streams is None else policy.max_concurrent_streams
+        figures = (
+            lease_ttl_ms,
+            lease_key_ttl_ms,
+            streams_cap,
+            *_bucket_args(limits.requests),
+            *_bucket_args(limits.user_requests),
+            *_bucket_args(limits.tokens),
+        )
+        return cls(
+            rates=limits,
+            admit_plan=":".join(str(figure) for figure in figures).encode(),
+            token_args=_bucket_args(limits.tokens),
+            request_args=_bucket_args(limits.requests),
+        )
+
+
 def _level(value: Any, limit: Rate | None, now_ms: int) -> Bucket | None:
     return None if limit is None else Bucket(int(value), now_ms)
 
@@ -260,6 +307,11 @@ class RedisLimiter:
         self._ttl_ms = to_ms(lease_ttl)
         self._key_ttl_ms = self._ttl_ms * LEASE_KEY_FACTOR
         self.script_loads = 0  # NOSCRIPT recoveries (after a Redis restart, failover or SCRIPT FLUSH)
+        # Per-call work kept off the hot path: key names per tenant, script arguments per policy.
+        self._keys: BoundedCache[str, TenantKeys] = BoundedCache(tenant_keys)
+        self._plans: BoundedCache[LimitPolicy, _Plan] = BoundedCache(
+            lambda policy: _Plan.of(policy, lease_ttl_ms=self._ttl_ms, lease_key_ttl_ms=self._key_ttl_ms)
+        )
 
     @property
     def lease_ttl(self) -> float:
@@ -269,7 +321,7 @@ class RedisLimiter:
     def client(self) -> Redis:
         return self._client
 
-    async def run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[str | bytes | int]) -> Any:
         """EVALSHA, loading the script once and retrying if Redis does not know it."""
         try:
             return await self._client.evalsha(script.sha, len(keys), *keys, *args)
@@ -283,34 +335,28 @@ class RedisLimiter:
     async def admit(
         self, tenant: str, user: str, policy: LimitPolicy, *, lease: str, estimate_tokens: int, now: float
     ) -> Admission:
-        validate_counts(estimate_tokens=estimate_tokens)
-        refuse_closed_doors(policy)
+        check_count("estimate_tokens", estimate_tokens)
+        if policy.has_zero_limit:
+            refuse_closed_doors(policy)
         now_ms = to_ms(now)
-        keys = tenant_keys(tenant)
-        limits = rates(policy)
-        streams_cap = -1 if policy.max_concurrent_streams is None else policy.max_concurrent_streams
-        reply = await self.run(
-            self.ADMIT,
-            (keys.requests, keys.user_requests(user), keys.tokens, keys.streams),
-            (
-                now_ms,
-                lease,
-                self._ttl_ms,
-                self._key_ttl_ms,
-                streams_cap,
-                *_bucket_args(limits.requests),
-                *_bucket_args(limits.user_requests),
-                *_bucket_args(limits.tokens),
-                estimate_tokens,
-            ),
+        keys = self._keys(tenant)
+        plan = self._plans(policy)
+        reply = _ints(
+            await self.run(
+                self.ADMIT,
+                (keys.requests, keys.user_requests(user), keys.tokens, keys.streams),
+                (now_ms, lease, estimate_tokens, plan.admit_plan),
+            )
         )
-        verdict = Verdict(int(reply[0]))
-        if verdict is not Verdict.ADMITTED:
-            raise refusal(verdict, int(reply[1]))
+        verdict = reply[0]
+        if verdict:
+            raise refusal(Verdict(verdict), reply[1])
+        limits = plan.rates
         return build_admission(
             tenant,
             user,
             policy,
+            limits,
             lease=lease,
             estimate_tokens=estimate_tokens,
             requests=_level(reply[2], limits.requests, now_ms),
@@ -322,15 +368,15 @@ class RedisLimiter:
     async def settle(
         self, admission: Admission, policy: LimitPolicy, *, used_tokens: int, now: float
     ) -> None:
-        validate_counts(used_tokens=used_tokens)
-        keys = tenant_keys(admission.tenant)
+        check_count("used_tokens", used_tokens)
+        keys = self._keys(admission.tenant)
         await self.run(
             self.SETTLE,
             (keys.tokens, keys.streams),
             (
                 to_ms(now),
                 admission.stream_lease,
-                *_bucket_args(rates(policy).tokens),
+                *self._plans(policy).token_args,
                 admission.reserved_tokens - used_tokens,
             ),
         )
@@ -340,7 +386,7 @@ class RedisLimiter:
         cap = -1 if policy.max_connections is None else policy.max_connections
         held = await self.run(
             self.ACQUIRE,
-            (tenant_keys(tenant).connections,),
+            (self._keys(tenant).connections,),
             (to_ms(now), lease, self._ttl_ms, self._key_ttl_ms, cap),
         )
         if int(held) != 1:
@@ -348,12 +394,12 @@ class RedisLimiter:
 
     async def release_connection(self, tenant: str, *, lease: str) -> None:
         # A single ZREM is atomic already; no script needed.
-        await self._client.zrem(tenant_keys(tenant).connections, lease)
+        await self._client.zrem(self._keys(tenant).connections, lease)
 
     async def renew(self, tenant: str, leases: Sequence[str], *, now: float) -> None:
         if not leases:
             return
-        keys = tenant_keys(tenant)
+        keys = self._keys(tenant)
         await self.run(
             self.RENEW,
             (keys.connections, keys.streams),
@@ -362,17 +408,17 @@ class RedisLimiter:
 
     async def snapshot(self, tenant: str, policy: LimitPolicy, *, now: float) -> Snapshot:
         now_ms = to_ms(now)
-        keys = tenant_keys(tenant)
-        limits = rates(policy)
+        keys = self._keys(tenant)
+        plan = self._plans(policy)
         reply = await self.run(
             self.SNAPSHOT,
             (keys.requests, keys.tokens, keys.connections, keys.streams),
-            (now_ms, *_bucket_args(limits.requests), *_bucket_args(limits.tokens)),
+            (now_ms, *plan.request_args, *plan.token_args),
         )
         return build_snapshot(
             policy,
-            requests=_level(reply[0], limits.requests, now_ms),
-            tokens=_level(reply[1], limits.tokens, now_ms),
+            requests=_level(reply[0], plan.rates.requests, now_ms),
+            tokens=_level(reply[1], plan.rates.tokens, now_ms),
             connections=int(reply[2]),
             streams=int(reply[3]),
         )

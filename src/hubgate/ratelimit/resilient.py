@@ -33,9 +33,9 @@ from hubgate.errors import GatewayError, LimiterUnavailable
 from hubgate.ratelimit.base import (
     Admission,
     Snapshot,
+    check_count,
     refuse_closed_connections,
     refuse_closed_doors,
-    validate_counts,
 )
 from hubgate.ratelimit.memory import MemoryLimiter
 from hubgate.ratelimit.policy import LimitPolicy
@@ -179,8 +179,9 @@ class ResilientLimiter:
         self, tenant: str, user: str, policy: LimitPolicy, *, lease: str, estimate_tokens: int, now: float
     ) -> Admission:
         # Checked here too so that a refusal that needs no Redis never counts as Redis answering.
-        validate_counts(estimate_tokens=estimate_tokens)
-        refuse_closed_doors(policy)
+        check_count("estimate_tokens", estimate_tokens)
+        if policy.has_zero_limit:
+            refuse_closed_doors(policy)
         try:
             return await self._call(
                 lambda: self._primary.admit(
