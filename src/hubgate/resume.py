@@ -60,6 +60,14 @@ class BufferedFrame:
     terminal: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Control:
+    """Signals between a resuming reader (any instance) and the instance running the request."""
+
+    reader_until: float = 0.0  # wall-clock time until which a reader said it is tailing the buffer
+    cancel: bool = False  # a client asked, through another instance, to cancel the request
+
+
 # --- pure helpers ---------------------------------------------------------------------------
 
 
@@ -134,6 +142,18 @@ class StreamBuffer(Protocol):
         """Whether a live buffer exists for ``key``."""
         ...
 
+    async def signal_reader(self, key: StreamKey, until: float) -> None:
+        """Say a reader is tailing ``key`` until ``until`` (wall clock), so its producer keeps going."""
+        ...
+
+    async def request_cancel(self, key: StreamKey) -> None:
+        """Ask the instance running ``key`` to cancel it."""
+        ...
+
+    async def control(self, key: StreamKey) -> Control:
+        """The signals set for ``key`` (defaults when none)."""
+        ...
+
     async def aclose(self) -> None:
         """Release what the buffer owns."""
         ...
@@ -175,6 +195,7 @@ class MemoryStreamBuffer:
         self._max_frames = max_frames
         self._clock = clock
         self._streams: dict[StreamKey, _MemoryStream] = {}
+        self._controls: dict[StreamKey, Control] = {}
         self._next_sweep = float("-inf")
 
     async def create(self, key: StreamKey) -> None:
@@ -221,8 +242,18 @@ class MemoryStreamBuffer:
             return False
         return True
 
+    async def signal_reader(self, key: StreamKey, until: float) -> None:
+        self._controls[key] = Control(until, self._controls.get(key, Control()).cancel)
+
+    async def request_cancel(self, key: StreamKey) -> None:
+        self._controls[key] = Control(self._controls.get(key, Control()).reader_until, True)
+
+    async def control(self, key: StreamKey) -> Control:
+        return self._controls.get(key, Control())
+
     async def aclose(self) -> None:
         self._streams.clear()
+        self._controls.clear()
 
     def _live(self, key: StreamKey) -> _MemoryStream:
         stream = self._streams.get(key)
@@ -240,6 +271,8 @@ class MemoryStreamBuffer:
         self._next_sweep = now + self._ttl
         for key in [k for k, s in self._streams.items() if now >= s.expires_at]:
             del self._streams[key]
+        for key in [k for k in self._controls if k not in self._streams]:
+            del self._controls[key]
 
 
 # --- in Redis -------------------------------------------------------------------------------
@@ -259,6 +292,11 @@ redis.call('XADD', KEYS[1], '0-1', 'h', '1')
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 """
+
+
+def _control_key(key: StreamKey) -> str:
+    """Beside the buffer, in the same hash slot."""
+    return stream_key(key) + ":ctl"
 
 
 def _entry_id(seq: int) -> str:
@@ -393,6 +431,30 @@ class RedisStreamBuffer:
             return False
         with _redis_boundary():
             return bool(await self._client.exists(stream_key(key)))
+
+    async def signal_reader(self, key: StreamKey, until: float) -> None:
+        await self._set_control(key, "reader_until", repr(until))
+
+    async def request_cancel(self, key: StreamKey) -> None:
+        await self._set_control(key, "cancel", "1")
+
+    async def control(self, key: StreamKey) -> Control:
+        if not valid_request_id(key.request_id):
+            return Control()
+        with _redis_boundary():
+            values = await self._client.hmget(_control_key(key), ["reader_until", "cancel"])
+        reader_until, cancel = values
+        return Control(float(reader_until) if reader_until else 0.0, bool(cancel))
+
+    async def _set_control(self, key: StreamKey, name: str, value: str) -> None:
+        if not valid_request_id(key.request_id):
+            raise StreamNotFound(_NOT_FOUND)
+        control = _control_key(key)
+        with _redis_boundary():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hset(control, name, value)
+                pipe.pexpire(control, self._ttl_ms)
+                await pipe.execute()
 
     async def aclose(self) -> None:
         """Nothing to release: the Redis client is created and closed by the app's lifespan."""

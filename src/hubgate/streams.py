@@ -53,6 +53,8 @@ class Owner(Protocol):
 
 # How often a detached stream checks whether a client resumed it elsewhere (or asked to cancel).
 WATCH_INTERVAL = 0.5
+# How long a resuming reader waits on the buffer per read (and how often it says it is there).
+READER_POLL = 1.0
 
 
 class OwnerGone(Exception):
@@ -207,9 +209,25 @@ class StreamRegistry:
             raise
 
     async def _replay_remote(self, key: StreamKey, after: int, owner: Owner) -> None:
-        """Tail the shared buffer (written by the instance that runs the request)."""
-        async for frame in replay(self._buffer, key, after, poll_seconds=1.0):
-            await owner.deliver(frame.data.decode())
+        """Tail the shared buffer (written by the instance that runs the request).
+
+        While tailing, a heartbeat tells the producing instance a client is reading, so it does
+        not cancel the request at the end of its grace period.
+        """
+        if not await self._buffer.exists(key):
+            raise StreamNotFound("no resumable request with this id")
+        heartbeat = asyncio.create_task(self._reader_heartbeat(key))
+        try:
+            async for frame in replay(self._buffer, key, after, poll_seconds=READER_POLL):
+                await owner.deliver(frame.data.decode())
+        finally:
+            heartbeat.cancel()
+
+    async def _reader_heartbeat(self, key: StreamKey) -> None:
+        while True:
+            with contextlib.suppress(GatewayError):
+                await self._buffer.signal_reader(key, time.time() + 3 * READER_POLL)
+            await asyncio.sleep(READER_POLL)
 
     async def cancel(self, key: StreamKey) -> None:
         """Cancel a request by id: here if it runs here, else through the shared buffer."""
@@ -217,15 +235,34 @@ class StreamRegistry:
         if stream is not None and not stream.finished:
             stream.cancel()
             return
+        if await self._buffer.exists(key):
+            # Running on another instance (or just finished): that instance sees the request
+            # while the stream is detached from its original connection.
+            await self._buffer.request_cancel(key)
+            return
         raise StreamNotFound("no active request with this id")
 
     async def _watch_detached(self, stream: ActiveStream) -> None:
-        """Cancel a detached stream nobody resumed within the grace period."""
+        """Cancel a detached stream nobody resumed within the grace period.
+
+        A client tailing the buffer from another instance keeps it alive; a `cancel` sent through
+        another instance stops it.
+        """
         deadline = time.monotonic() + self._grace
         while time.monotonic() < deadline:
             await asyncio.sleep(min(WATCH_INTERVAL, max(0.0, deadline - time.monotonic())))
             if stream.owner is not None or stream.finished:
                 return
+            if stream.writer is None:
+                continue
+            try:
+                control = await self._buffer.control(stream.key)
+            except GatewayError:
+                continue
+            if control.cancel:
+                break
+            if control.reader_until > time.time():
+                deadline = time.monotonic() + self._grace
         stream.watcher = None
         if stream.owner is None and not stream.finished:
             log.info("no resume within the grace period; cancelling %s", stream.key.request_id)

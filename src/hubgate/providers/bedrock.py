@@ -96,7 +96,8 @@ class BedrockProvider:
         self._config = Config(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            retries={"max_attempts": max_attempts, "mode": "standard"},
+            # total_max_attempts counts the first request too (max_attempts would count retries).
+            retries={"total_max_attempts": max_attempts, "mode": "standard"},
             max_pool_connections=max_pool_connections,
             tcp_keepalive=True,
         )
