@@ -73,7 +73,19 @@ def private_redis() -> Iterator[str]:
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="hubgate-bench-")
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -100,7 +112,10 @@ def private_redis() -> Iterator[str]:
 async def run_phase(
     name: str, op: Callable[[int, int], Awaitable[bool]], *, seconds: float, concurrency: int, max_ops: int
 ) -> Result:
-    """Run ``op(worker, i)`` from ``concurrency`` tasks until time or count runs out; op returns False if refused."""
+    """Run ``op(worker, i)`` from ``concurrency`` tasks until time or count runs out.
+
+    ``op`` returns False when the limiter refused the call (counted, and timed like the rest).
+    """
     latencies: list[int] = []
     refused = 0
     deadline = time.perf_counter() + seconds
@@ -137,18 +152,22 @@ async def bench(url: str, *, seconds: float, concurrency: int, max_ops: int, ten
         await primary.run(RedisLimiter.NOOP, (), ())
         return True
 
+    admit_ns: list[int] = []
     settle_ns: list[int] = []
 
     async def admit_settle(w: int, i: int) -> bool:
         tenant = f"tenant-{(w * 7919 + i) % tenants}"
         user = f"user-{i % 20}"
         now = time.time()
+        started = time.perf_counter_ns()
         try:
             admission = await limiter.admit(
                 tenant, user, policy, lease=f"bench:{w}:{i}", estimate_tokens=1200, now=now
             )
         except GatewayError:
             return False
+        finally:
+            admit_ns.append(time.perf_counter_ns() - started)
         started = time.perf_counter_ns()
         await limiter.settle(admission, policy, used_tokens=340, now=now)
         settle_ns.append(time.perf_counter_ns() - started)
@@ -157,6 +176,7 @@ async def bench(url: str, *, seconds: float, concurrency: int, max_ops: int, ten
     # Warm up: connections opened, scripts loaded, code paths hot.
     await run_phase("warmup", floor, seconds=0.3, concurrency=concurrency, max_ops=max_ops)
     await run_phase("warmup", admit_settle, seconds=0.3, concurrency=concurrency, max_ops=max_ops)
+    admit_ns.clear()
     settle_ns.clear()
 
     results: list[Result] = []
@@ -167,12 +187,12 @@ async def bench(url: str, *, seconds: float, concurrency: int, max_ops: int, ten
             await run_phase("floor", floor, seconds=seconds / 2, concurrency=concurrency, max_ops=max_ops)
         )
         halves["pair"].append(
-            await run_phase("pair", admit_settle, seconds=seconds / 2, concurrency=concurrency, max_ops=max_ops)
+            await run_phase(
+                "pair", admit_settle, seconds=seconds / 2, concurrency=concurrency, max_ops=max_ops
+            )
         )
     floor_result = _merge("EVALSHA `return 1` (floor)", halves["floor"])
     pair = _merge("admit + settle (pair)", halves["pair"])
-    # admit latency = pair latency minus its settle, measured inside the pair.
-    admit_ns = [total - s for total, s in zip(pair.latencies_ns, settle_ns, strict=False)]
     results.append(floor_result)
     results.append(Result("admit", admit_ns, pair.seconds, pair.refused))
     results.append(Result("settle", settle_ns, pair.seconds))
@@ -226,7 +246,9 @@ def verdict(results: list[Result]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--redis-url", help="a loopback Redis to use (default: start a private one)")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per side (default 5)")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent callers (default 16)")
@@ -249,7 +271,13 @@ def main(argv: list[str] | None = None) -> int:
             runner, loop_name = uvloop.run, "uvloop"
 
     def go(url: str) -> list[Result]:
-        coro = bench(url, seconds=args.seconds, concurrency=args.concurrency, max_ops=args.max_ops, tenants=args.tenants)
+        coro = bench(
+            url,
+            seconds=args.seconds,
+            concurrency=args.concurrency,
+            max_ops=args.max_ops,
+            tenants=args.tenants,
+        )
         result = runner(coro)
         assert isinstance(result, list)
         return result

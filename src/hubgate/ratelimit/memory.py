@@ -131,10 +131,11 @@ class MemoryLimiter:
         now_ms = to_ms(now)
         self._tick(now_ms)
         keys = tenant_keys(admission.tenant)
-        streams = self._live(keys.streams, now_ms)
+        streams = self._leases.get(keys.streams, {})
         # Only a live lease carries its reservation: settling twice (a retried call) or after
         # the lease expired changes nothing, so a retry can never refund the same tokens twice.
-        if streams.pop(admission.stream_lease, None) is None:
+        expiry = streams.pop(admission.stream_lease, None)
+        if expiry is None or expiry <= now_ms:
             return
         limit = self._rates(policy).tokens
         delta = admission.reserved_tokens - used_tokens
@@ -176,8 +177,8 @@ class MemoryLimiter:
             policy,
             requests=self._current(keys.requests, limits.requests, now_ms),
             tokens=self._current(keys.tokens, limits.tokens, now_ms),
-            connections=len(self._live(keys.connections, now_ms)),
-            streams=len(self._live(keys.streams, now_ms)),
+            connections=self._count_live(keys.connections, now_ms),
+            streams=self._count_live(keys.streams, now_ms),
         )
 
     async def aclose(self) -> None:
@@ -202,6 +203,10 @@ class MemoryLimiter:
             bucket, burst=limit.burst, per_minute=limit.per_minute
         )
         self._buckets[key] = (bucket, full_at)
+
+    def _count_live(self, key: str, now_ms: int) -> int:
+        """Leases under ``key`` still live at ``now_ms``, without purging (a read, as in Redis)."""
+        return sum(1 for expiry in self._leases.get(key, {}).values() if expiry > now_ms)
 
     def _live(self, key: str, now_ms: int) -> dict[str, int]:
         """The lease set under ``key``, with leases expired by ``now_ms`` removed."""

@@ -8,8 +8,9 @@ same inputs. Things the scripts deliberately avoid:
 * ``redis.call('TIME')``: ElastiCache Serverless refuses it, and the caller's clock is the one
   the buckets must follow anyway (``now`` is passed in; the bucket never goes backwards).
 * keys outside one tenant's hash tag: a script's keys must share a slot in cluster mode.
-* floating-point state: levels and times are integers (see ``buckets``); a bucket is one string
-  key ``"<level units>:<ms>"`` written with ``SET ... PX`` (one call for value and expiry).
+* floating-point state: levels and times are integers (see ``buckets``). A bucket is one string
+  key holding two big-endian int64 (level in units, ms), written with ``SET ... PX``: one call
+  for value and expiry, and ``struct`` (C) rather than string patterns (Lua) to read it back.
 
 This is the bare adapter: redis-py errors propagate. The gateway uses it through
 ``ResilientLimiter``, which owns timeouts, retries, the breaker and the fallback.
@@ -18,6 +19,7 @@ This is the bare adapter: redis-py errors propagate. The gateway uses it through
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,8 +74,7 @@ local function refill(key, burst, rate, now)
   local cap = burst * U
   local v = redis.call('GET', key)
   if not v then return cap, now end
-  local l, a = string.match(v, '^(-?%d+):(%d+)$')
-  local level, at = tonumber(l), tonumber(a)
+  local level, at = struct.unpack('>i8i8', v)
   local t = math.max(now, at)
   level = level + (t - at) * rate
   if level > cap then level = cap end
@@ -86,18 +87,19 @@ local function wait_ms(level, need, rate)
   return ceil_div(need - level, rate)
 end
 
--- One SET with PX: the state "<level>:<ms>" and its expiry in a single call.
+-- One SET with PX: the state (level, ms) and its expiry in a single call.
 local function store(key, level, t, burst, rate)
   local ttl = wait_ms(level, burst * U, rate) + {BUCKET_SLACK_MS}
-  redis.call('SET', key, string.format('%d:%d', level, t), 'PX', string.format('%d', ttl))
+  redis.call('SET', key, struct.pack('>i8i8', level, t), 'PX', ttl)
 end
 """
 
 # KEYS: requests, user requests, tokens, streams.
-# ARGV: now_ms, lease, estimate_tokens, and the plan: one string of integers
-#       "lease_ttl_ms:lease_key_ttl_ms:max_streams:request burst:rate:user burst:rate:token burst:rate"
-#       (max_streams -1: unlimited; burst 0: bucket not in use). The plan is built once per policy:
-#       a dozen separate arguments cost more to encode in redis-py than the script takes to parse one.
+# ARGV: now_ms, lease, estimate_tokens, and the plan: nine big-endian int64, lease_ttl_ms,
+#       lease_key_ttl_ms, max_streams, then burst and rate of the request, user and token buckets
+#       (max_streams -1: unlimited; burst 0: bucket not in use). The plan is packed once per policy:
+#       nine separate arguments cost more to encode in redis-py (and to convert in Lua) than one
+#       struct.unpack.
 # Returns "verdict:wait_ms:request level:user level:token level" (see base.Verdict), one string
 #       for the same reason: the pure-Python RESP parser pays per element of an array reply.
 ADMIT_LUA = (
@@ -106,9 +108,8 @@ ADMIT_LUA = (
 local now = tonumber(ARGV[1])
 local lease = ARGV[2]
 local estimate = tonumber(ARGV[3])
-local p = {}
-for n in string.gmatch(ARGV[4], '-?%d+') do p[#p + 1] = tonumber(n) end
-local expiry = string.format('%d', now + p[1])
+local p = {struct.unpack('>i8i8i8i8i8i8i8i8i8', ARGV[4])}
+local expiry = now + p[1]
 local key_ttl = p[2]
 local max_streams = p[3]
 local spec = {
@@ -121,6 +122,8 @@ local function reply(verdict, wait)
   return string.format('%d:%d:%d:%d:%d', verdict, wait, levels[1], levels[2], levels[3])
 end
 
+-- Purge first: a lease expired by the latest clock seen stays expired for a caller whose clock
+-- is behind (as the buckets never go back in time), and the memory backend behaves the same.
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[1])
 if redis.call('ZSCORE', KEYS[4], lease) then
   -- A retry whose first attempt was applied: renew the lease, charge nothing.
@@ -274,7 +277,7 @@ class _Plan:
         )
         return cls(
             rates=limits,
-            admit_plan=":".join(str(figure) for figure in figures).encode(),
+            admit_plan=struct.pack(">9q", *figures),
             token_args=_bucket_args(limits.tokens),
             request_args=_bucket_args(limits.requests),
         )
