@@ -452,3 +452,24 @@ async def test_server_shutdown_closes_1012(emulator: EmulatorServer, mint: Mint)
         client = await Client.open(ws_url(settings), mint())
         server.should_exit = True
         assert (await client.wait_closed())[0] == 1012
+
+
+async def test_cancel_right_after_chat_still_ends_the_request(gateway: Settings, mint: Mint) -> None:
+    client = await Client.open(ws_url(gateway), mint())
+    chat = {
+        "type": "chat",
+        "id": "quick",
+        "messages": [{"role": "user", "content": "[[emulator:tokens=50]]"}],
+    }
+    # Both messages in one TCP write: the server reads the cancel before the request's task has run.
+    client.ws.protocol.send_text(json.dumps(chat).encode())
+    client.ws.protocol.send_text(json.dumps({"type": "cancel", "id": "quick"}).encode())
+    client.ws.send_data()
+    frames = await client.until_terminal("quick")
+    assert frames[-1]["type"] == "end" and frames[-1]["stop_reason"] == "cancelled"
+    # The id is free again and the connection's slots are not leaked.
+    for i in range(gateway.max_streams_per_connection + 1):
+        assert (await client.chat(f"again-{i}", "[[emulator:tokens=1]]"))[-1]["type"] == "end"
+    frames = await client.chat("quick", "[[emulator:tokens=1]]")
+    assert frames[-1]["type"] == "end"
+    await client.close()

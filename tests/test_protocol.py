@@ -676,3 +676,9 @@ def test_ready_frame() -> None:
         "protocol": "hubgate.v1",
     }
     assert json.loads(encode(frame)) == frame
+
+
+def test_delta_with_a_lone_surrogate_is_still_valid_json() -> None:
+    builder = FrameBuilder("r")
+    frame = json.loads(builder.delta("ok \ud800 done"))
+    assert frame["text"] == "ok ? done" and frame["seq"] == 0

@@ -272,3 +272,20 @@ def test_registry_lookups() -> None:
     assert [t.id for t in registry.all()] == ["a", "b"]
     assert registry.get("a") is not None
     assert registry.get("c") is None
+
+
+def test_a_burst_without_its_rate_names_the_tenant() -> None:
+    with pytest.raises(TenantConfigError, match="tenant 'a'.*request_burst needs"):
+        parse_tenants({"tenants": {"a": {"models": ["m"], "limits": {"request_burst": 5}}}})
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "tenants.yaml"
+    path.write_bytes(b"tenants:\n  \xff\xfe: {}\n")
+    with pytest.raises(TenantConfigError, match="not UTF-8"):
+        TenantRegistry.from_file(str(path))
+
+
+def test_a_null_name_falls_back_to_the_id() -> None:
+    tenants = parse_tenants({"tenants": {"a": {"models": ["m"], "name": None}}})
+    assert tenants["a"].name == "a"

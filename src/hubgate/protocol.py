@@ -365,7 +365,12 @@ class FrameBuilder:
         return encode(frame)
 
     def delta(self, text: str) -> str:
-        return self._prefix + str(self._next()) + ',"text":' + orjson.dumps(text).decode() + "}"
+        try:
+            encoded = orjson.dumps(text)
+        except TypeError:
+            # A lone surrogate (possible in a decoded upstream chunk) is not valid UTF-8.
+            encoded = orjson.dumps(text.encode("utf-8", "replace").decode("utf-8"))
+        return self._prefix + str(self._next()) + ',"text":' + encoded.decode() + "}"
 
     def end(
         self,

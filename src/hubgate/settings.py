@@ -8,6 +8,7 @@ documented in ``docs/configuration.md``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
         value = float(raw)
     except ValueError as exc:
         raise SettingsError(f"{PREFIX}{name} must be a number, got {raw!r}") from exc
+    if not math.isfinite(value):
+        raise SettingsError(f"{PREFIX}{name} must be a finite number, got {raw!r}")
     if value < minimum:
         raise SettingsError(f"{PREFIX}{name} must be >= {minimum}, got {value}")
     return value
@@ -132,10 +135,6 @@ class Settings:
     resume_flush_ms: float = 100.0
     drain_seconds: float = 90.0
 
-    # Emulator used by `hubgate dev` and the tests (never by production)
-    emulator_ttft_ms: float = 0.0
-    emulator_token_delay_ms: float = 0.0
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         """Build settings from ``HUBGATE_*`` variables; raise SettingsError on a bad value."""
@@ -195,8 +194,6 @@ class Settings:
             stream_grace_seconds=_float(env, "STREAM_GRACE_SECONDS", defaults.stream_grace_seconds),
             resume_flush_ms=_float(env, "RESUME_FLUSH_MS", defaults.resume_flush_ms, 1.0),
             drain_seconds=_float(env, "DRAIN_SECONDS", defaults.drain_seconds),
-            emulator_ttft_ms=_float(env, "EMULATOR_TTFT_MS", defaults.emulator_ttft_ms),
-            emulator_token_delay_ms=_float(env, "EMULATOR_TOKEN_DELAY_MS", defaults.emulator_token_delay_ms),
         )
 
     def replace(self, **changes: object) -> Settings:

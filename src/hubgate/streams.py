@@ -91,6 +91,7 @@ class ActiveStream:
     task: asyncio.Task[None] | None = None
     writer: BufferWriter | None = None
     cancel_requested: bool = False
+    running: bool = False  # the task has begun: cancelling it now runs its cleanup
     finished: bool = False
     watcher: asyncio.Task[None] | None = None
 
@@ -100,8 +101,12 @@ class ActiveStream:
 
     def cancel(self) -> None:
         """Stop the upstream now; the stream ends with `end` stop_reason `cancelled`."""
-        if self.task is not None and not self.finished:
-            self.cancel_requested = True
+        if self.task is None or self.finished:
+            return
+        self.cancel_requested = True
+        # A task cancelled before its first step never enters its try/finally, so it would end
+        # without a frame and stay registered; one that has not begun sees the flag instead.
+        if self.running:
             self.task.cancel()
 
 
@@ -285,7 +290,7 @@ class StreamRegistry:
 
     async def _run(self, stream: ActiveStream) -> None:
         request = stream.request
-        key, tenant, chat = request.key, request.tenant, request.chat
+        key, chat = request.key, request.chat
         received = time.monotonic()
         frames = protocol.FrameBuilder(chat.id)
         admission: Admission | None = None
@@ -296,6 +301,8 @@ class StreamRegistry:
         error_code: str | None = None
         input_estimate = 0
         reached_upstream = False
+        started = False
+        stream.running = True
         try:
             try:
                 history: tuple[Message, ...] = ()
@@ -308,18 +315,13 @@ class StreamRegistry:
                     Turn(m.role, m.content) for m in chat.messages
                 )
                 input_estimate = estimate_input_tokens(system, [t.content for t in turns])
-                admission = await self._limiter.admit(
-                    key.tenant,
-                    key.user,
-                    tenant.limits,
-                    lease=request.lease,
-                    estimate_tokens=input_estimate + request.max_tokens,
-                    now=time.time(),
-                )
+                admission = await self._admit(request, input_estimate + request.max_tokens)
             except RequestError as exc:
                 await self._emit(stream, frames.error(exc.code, exc.message, exc.retry_after), terminal=True)
                 return
             self._leases.add(key.tenant, request.lease)
+            if stream.cancel_requested:
+                raise asyncio.CancelledError
             stream.writer = await self._open_writer(key)
             limits = {
                 "requests_remaining": admission.remaining_requests,
@@ -335,7 +337,6 @@ class StreamRegistry:
                 top_p=chat.top_p,
                 stop=chat.stop,
             )
-            started = False
             try:
                 reached_upstream = True
                 async for item in self._provider.stream(provider_request):
@@ -361,13 +362,13 @@ class StreamRegistry:
             except UpstreamError as exc:
                 error_code = exc.code
                 await self._emit(stream, frames.error(exc.code, exc.message), terminal=True)
-            except asyncio.CancelledError:
-                if not stream.cancel_requested:
-                    raise
-                completion = Completion("cancelled", input_estimate, len(deltas))
-                if not started:
-                    await self._emit(stream, frames.start(request.model, limits, chat.session))
-                await self._emit(stream, self._end(frames, completion, ttft_ms, received), terminal=True)
+        except asyncio.CancelledError:
+            if not stream.cancel_requested:
+                raise
+            completion = Completion("cancelled", input_estimate, len(deltas))
+            if not started:
+                await self._emit(stream, frames.start(request.model, None, chat.session))
+            await self._emit(stream, self._end(frames, completion, ttft_ms, received), terminal=True)
         except GatewayError as exc:
             # Anything else the services raise (e.g. a session store failure) ends this request
             # with a frame, never a dropped connection.
@@ -388,6 +389,28 @@ class StreamRegistry:
                 duration_ms=(time.monotonic() - received) * 1000,
                 reached_upstream=reached_upstream,
             )
+
+    async def _admit(self, request: StreamRequest, estimate: int) -> Admission:
+        """Admit through the limiter; a cancel during the call still gets the admission settled."""
+        key = request.key
+        call = asyncio.ensure_future(
+            self._limiter.admit(
+                key.tenant,
+                key.user,
+                request.tenant.limits,
+                lease=request.lease,
+                estimate_tokens=estimate,
+                now=time.time(),
+            )
+        )
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            # The decision may already be made in Redis: give the reservation and lease back.
+            with contextlib.suppress(Exception):
+                admission = await call
+                await self._limiter.settle(admission, request.tenant.limits, used_tokens=0, now=time.time())
+            raise
 
     async def _open_writer(self, key: StreamKey) -> BufferWriter | None:
         try:

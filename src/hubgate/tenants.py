@@ -58,7 +58,10 @@ def _parse_limits(tenant_id: str, raw: Any) -> LimitPolicy:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise TenantConfigError(f"tenant {tenant_id!r}: limits.{key} must be a non-negative integer")
         values[key] = value
-    return LimitPolicy(**values)
+    try:
+        return LimitPolicy(**values)
+    except ValueError as exc:
+        raise TenantConfigError(f"tenant {tenant_id!r}: {exc}") from exc
 
 
 def _parse_tenant(tenant_id: str, raw: Any) -> Tenant:
@@ -81,7 +84,7 @@ def _parse_tenant(tenant_id: str, raw: Any) -> Tenant:
     max_tokens = raw.get("default_max_tokens", DEFAULT_MAX_TOKENS)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise TenantConfigError(f"tenant {tenant_id!r}: 'default_max_tokens' must be a positive integer")
-    name = raw.get("name", tenant_id)
+    name = raw.get("name") or tenant_id
     return Tenant(
         id=tenant_id,
         name=str(name),
@@ -133,6 +136,8 @@ class TenantRegistry:
             return cls(parse_tenants(load_document(text, json_format=False)))
         try:
             text = Path(path).read_text("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TenantConfigError(f"the tenants file {path} is not UTF-8 text") from exc
         except OSError as exc:
             raise TenantConfigError(f"cannot read the tenants file {path}: {exc.strerror}") from exc
         return cls(parse_tenants(load_document(text, json_format=path.endswith(".json"))))
