@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # System packages the test suite needs: a redis-server binary (tests start their own on a free
-# port). Installed with apt when missing and running as root; otherwise a clear message.
+# port) and Debian's Chromium (the playground page is tested in a real headless browser; no
+# browser is ever downloaded). Installed with apt when missing and running as root; otherwise a
+# clear message.
 set -euo pipefail
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
