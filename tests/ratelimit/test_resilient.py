@@ -187,7 +187,7 @@ async def test_closed_mode_refuses_while_redis_is_down_and_resumes_after_restart
 async def test_closed_mode_maps_other_redis_errors(closed: ResilientLimiter) -> None:
     policy = LimitPolicy(requests_per_minute=60)
     # A key of the wrong type makes the script fail with WRONGTYPE, a ResponseError.
-    await closed.primary.client.lpush("{t:acme}:rq", "not a bucket")
+    await closed.primary.client.set("{t:acme}:streams", "not a lease set")
     with pytest.raises(LimiterUnavailable) as refused:
         await quick(closed.admit("acme", "u", policy, lease="i:c:1", estimate_tokens=0, now=NOW))
     assert "WRONGTYPE" in str(refused.value.__cause__)

@@ -208,28 +208,33 @@ def build_admission(
     *,
     lease: str,
     estimate_tokens: int,
-    requests: Bucket | None,
-    user_requests: Bucket | None,
-    tokens: Bucket | None,
+    requests: int | None,
+    user_requests: int | None,
+    tokens: int | None,
     backend: str,
 ) -> Admission:
-    """An Admission from the buckets' levels after the admission (None for a bucket not in use)."""
+    """An Admission from the buckets' levels (units) after the admission; None for a bucket not in use.
+
+    Runs once per admitted request, so it works on bare levels rather than Bucket objects.
+    """
     remaining: int | None = None
     reset_ms = 0
-    for bucket, limit in ((requests, limits.requests), (user_requests, limits.user_requests)):
-        if bucket is None or limit is None:
+    for level, limit in ((requests, limits.requests), (user_requests, limits.user_requests)):
+        if level is None or limit is None:
             continue
-        left = max(0, buckets.whole_tokens(bucket))
-        remaining = left if remaining is None else min(remaining, left)
-        reset_ms = max(
-            reset_ms, buckets.time_to_full_ms(bucket, burst=limit.burst, per_minute=limit.per_minute)
-        )
-    tokens_left = None if tokens is None or limits.tokens is None else max(0, buckets.whole_tokens(tokens))
+        left = max(0, level // buckets.UNITS_PER_TOKEN)
+        remaining = left if remaining is None or left < remaining else remaining
+        deficit = buckets.capacity(limit.burst) - level
+        if deficit > 0:
+            reset_ms = max(reset_ms, buckets.ceil_div(deficit, limit.per_minute))
+    tokens_left = None
+    if tokens is not None and limits.tokens is not None:
+        tokens_left = max(0, tokens // buckets.UNITS_PER_TOKEN)
     return Admission(
         tenant=tenant,
         user=user,
         stream_lease=lease,
-        reserved_tokens=reserved_tokens(policy, estimate_tokens),
+        reserved_tokens=estimate_tokens if policy.tokens_per_minute is not None else 0,
         remaining_requests=remaining,
         remaining_tokens=tokens_left,
         reset_seconds=reset_ms / 1000,

@@ -75,9 +75,9 @@ class MemoryLimiter:
                 limits,
                 lease=lease,
                 estimate_tokens=estimate_tokens,
-                requests=requests,
-                user_requests=user_requests,
-                tokens=tokens,
+                requests=None if requests is None else requests.level,
+                user_requests=None if user_requests is None else user_requests.level,
+                tokens=None if tokens is None else tokens.level,
                 backend=self._backend,
             )
 

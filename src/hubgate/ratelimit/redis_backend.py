@@ -69,16 +69,20 @@ local function ceil_div(a, b)
   return q
 end
 
--- buckets.refill: the level (units) as of max(now, stored time); a missing key is a full bucket.
-local function refill(key, burst, rate, now)
+-- buckets.refill on a stored value (false: no key, a full bucket): the level (units) as of
+-- max(now, stored time).
+local function refill_value(v, burst, rate, now)
   local cap = burst * U
-  local v = redis.call('GET', key)
   if not v then return cap, now end
   local level, at = struct.unpack('>i8i8', v)
   local t = math.max(now, at)
   level = level + (t - at) * rate
   if level > cap then level = cap end
   return level, t
+end
+
+local function refill(key, burst, rate, now)
+  return refill_value(redis.call('GET', key), burst, rate, now)
 end
 
 -- buckets.wait_ms
@@ -118,6 +122,7 @@ local spec = {
   {KEYS[3], p[8], p[9], estimate, 4},
 }
 local levels, ats = {0, 0, 0}, {0, 0, 0}
+local stored = redis.call('MGET', KEYS[1], KEYS[2], KEYS[3])  -- one call for the three buckets
 local function reply(verdict, wait)
   return string.format('%d:%d:%d:%d:%d', verdict, wait, levels[1], levels[2], levels[3])
 end
@@ -130,7 +135,7 @@ if redis.call('ZSCORE', KEYS[4], lease) then
   redis.call('ZADD', KEYS[4], 'XX', expiry, lease)
   redis.call('PEXPIRE', KEYS[4], key_ttl)
   for i, b in ipairs(spec) do
-    if b[2] > 0 then levels[i] = refill(b[1], b[2], b[3], now) end
+    if b[2] > 0 then levels[i] = refill_value(stored[i], b[2], b[3], now) end
   end
   return reply(0, 0)
 end
@@ -142,7 +147,7 @@ end
 local verdict, longest = 0, 0
 for i, b in ipairs(spec) do
   if b[2] > 0 then
-    levels[i], ats[i] = refill(b[1], b[2], b[3], now)
+    levels[i], ats[i] = refill_value(stored[i], b[2], b[3], now)
     local w = wait_ms(levels[i], math.min(b[4], b[2]) * U, b[3])
     if w > longest then verdict, longest = b[5], w end
   end
@@ -362,9 +367,9 @@ class RedisLimiter:
             limits,
             lease=lease,
             estimate_tokens=estimate_tokens,
-            requests=_level(reply[2], limits.requests, now_ms),
-            user_requests=_level(reply[3], limits.user_requests, now_ms),
-            tokens=_level(reply[4], limits.tokens, now_ms),
+            requests=reply[2] if limits.requests is not None else None,
+            user_requests=reply[3] if limits.user_requests is not None else None,
+            tokens=reply[4] if limits.tokens is not None else None,
             backend="redis",
         )
 
