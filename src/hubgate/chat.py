@@ -1,14 +1,17 @@
 """`hubgate chat`: a terminal client for the `hubgate.v1` protocol.
 
 Type a message and press Enter; the reply streams in as it arrives. Ctrl-C while a reply is
-streaming cancels that reply; Ctrl-C at the prompt (or Ctrl-D) quits. Commands:
-``/model NAME``, ``/models``, ``/new``, ``/system TEXT``, ``/usage``, ``/quit``.
+streaming cancels that reply; Ctrl-C at the prompt (or Ctrl-D) quits. The conversation is kept
+in a server-side session. When the connection drops (1006) or the server restarts (1012) the
+client reconnects with backoff and resumes the reply in progress from the last frame it saw.
+Commands: ``/model NAME``, ``/models``, ``/new``, ``/system TEXT``, ``/usage``, ``/quit``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import signal
 import sys
 import time
@@ -22,23 +25,36 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from hubgate.protocol import SUBPROTOCOL
 
+# Close codes worth reconnecting for: abnormal closure (network), going away, service restart.
+RECONNECT_CODES = frozenset({1001, 1006, 1012, None})
+BACKOFF_FIRST = 0.25
+BACKOFF_MAX = 5.0
+RECONNECT_ATTEMPTS = 8
+
+# Estimated list prices (USD per 1k tokens: input, output) for the demo models; /usage shows
+# them as an estimate. Unknown models show tokens only.
+PRICES: dict[str, tuple[float, float]] = {
+    "anthropic.claude-3-5-haiku-20241022-v1:0": (0.0008, 0.004),
+    "amazon.nova-lite-v1:0": (0.00006, 0.00024),
+    "amazon.nova-pro-v1:0": (0.0008, 0.0032),
+}
+
 
 @dataclass(slots=True)
 class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
     replies: int = 0
+    cost_usd: float = 0.0
 
 
 @dataclass(slots=True)
 class ChatState:
-    """What the client remembers between turns (the conversation lives client-side)."""
-
     model: str | None = None
     system: str | None = None
     max_tokens: int | None = None
     models: list[str] = field(default_factory=list)
-    history: list[dict[str, str]] = field(default_factory=list)
+    session: str | None = None
     usage: Usage = field(default_factory=Usage)
 
 
@@ -52,7 +68,7 @@ def describe_error(frame: dict[str, Any]) -> str:
 
 
 def status_line(end: dict[str, Any], elapsed: float) -> str:
-    """`ttft 312 ms · 42 tokens · 38.1 tok/s · end_turn`"""
+    """`ttft 312 ms · in 12 / out 42 tokens · 38.1 tok/s · end_turn`"""
     usage = end.get("usage", {})
     metrics = end.get("metrics", {})
     out_tokens = int(usage.get("output_tokens", 0))
@@ -65,6 +81,17 @@ def status_line(end: dict[str, Any], elapsed: float) -> str:
     )
 
 
+def cost_of(model: str | None, input_tokens: int, output_tokens: int) -> float:
+    price = PRICES.get(model or "")
+    if price is None:
+        return 0.0
+    return input_tokens / 1000 * price[0] + output_tokens / 1000 * price[1]
+
+
+class Disconnected(Exception):
+    """The connection is gone and could not be re-established."""
+
+
 class ChatClient:
     def __init__(self, url: str, token: str, state: ChatState, out: TextIO = sys.stdout) -> None:
         self.url = url
@@ -72,8 +99,11 @@ class ChatClient:
         self.state = state
         self.out = out
         self.ws: ClientConnection | None = None
-        self.current: str | None = None
+        self.current: str | None = None  # the request whose reply is streaming
+        self.last_seq = -1
         self.frames: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.closing = False
 
     def print(self, text: str = "", end: str = "\n") -> None:
         self.out.write(text + end)
@@ -95,22 +125,82 @@ class ChatClient:
             self.state.model = ready.get("default_model")
         return dict(ready)
 
-    async def receive_loop(self) -> None:
+    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send a non-streaming message (session.*) and wait for its answer."""
         assert self.ws is not None
-        async for raw in self.ws:
-            frame = orjson.loads(raw)
-            kind = frame.get("type")
-            if kind == "auth.expiring":
-                self.print("\n(the token expires soon; reconnect with a fresh one)")
-            elif kind in ("start", "delta", "end", "error"):
-                await self.frames.put(frame)
+        message = {**message, "id": uuid.uuid4().hex}
+        await self.ws.send(orjson.dumps(message).decode())
+        while True:
+            frame = await self.replies.get()
+            if frame.get("id") == message["id"]:
+                return frame
+
+    async def new_session(self) -> None:
+        answer = await self.request({"type": "session.create", "system": self.state.system})
+        if answer.get("type") != "session":
+            raise RuntimeError(describe_error(answer))
+        self.state.session = answer["session"]
+
+    async def receive_loop(self) -> None:
+        """Read frames; on a drop or a restart reconnect and resume the reply in progress."""
+        while True:
+            assert self.ws is not None
+            try:
+                async for raw in self.ws:
+                    self._route(orjson.loads(raw))
+                code = self.ws.close_code
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd is not None else None
+            if self.closing:
+                return
+            if code not in RECONNECT_CODES:
+                raise Disconnected(f"connection closed by the server ({code})")
+            await self._reconnect()
+
+    def _route(self, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        if kind in ("start", "delta", "end", "error") and "seq" in frame:
+            if frame.get("id") != self.current or frame["seq"] <= self.last_seq:
+                return  # another request's, or a repeat after a resume
+            self.last_seq = frame["seq"]
+            self.frames.put_nowait(frame)
+        elif kind == "error" and frame.get("id") == self.current and frame.get("code") == "stream_not_found":
+            self.frames.put_nowait(frame)
+        elif kind == "auth.expiring":
+            self.print("\n(the token expires soon; start the client again with a fresh one)")
+        elif kind == "draining":
+            pass  # the close (1012) that follows triggers the reconnect
+        else:
+            self.replies.put_nowait(frame)
+
+    async def _reconnect(self) -> None:
+        delay = BACKOFF_FIRST
+        for _ in range(RECONNECT_ATTEMPTS):
+            self.print("\n(reconnecting...)", end="")
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            try:
+                await self.connect()
+            except (OSError, InvalidStatus, TimeoutError):
+                delay = min(BACKOFF_MAX, delay * 2)
+                continue
+            self.print(" (reconnected)")
+            if self.current is not None and self.ws is not None:
+                resume = {"type": "resume", "id": self.current, "after": self.last_seq}
+                await self.ws.send(orjson.dumps(resume).decode())
+            return
+        raise Disconnected("could not reconnect")
 
     async def ask(self, text: str) -> None:
         assert self.ws is not None
         request_id = uuid.uuid4().hex
-        self.current = request_id
-        messages = [*self.state.history, {"role": "user", "content": text}]
-        message: dict[str, Any] = {"type": "chat", "id": request_id, "messages": messages}
+        self.current, self.last_seq = request_id, -1
+        message: dict[str, Any] = {
+            "type": "chat",
+            "id": request_id,
+            "messages": [{"role": "user", "content": text}],
+        }
+        if self.state.session:
+            message["session"] = self.state.session
         if self.state.model:
             message["model"] = self.state.model
         if self.state.system:
@@ -119,40 +209,43 @@ class ChatClient:
             message["max_tokens"] = self.state.max_tokens
         sent_at = time.monotonic()
         await self.ws.send(orjson.dumps(message).decode())
-        reply: list[str] = []
+        try:
+            await self._show_reply(sent_at)
+        finally:
+            self.current = None
+
+    async def _show_reply(self, sent_at: float) -> None:
+        printed = False
         while True:
             frame = await self.frames.get()
-            if frame.get("id") != request_id:
-                continue
             kind = frame["type"]
             if kind == "delta":
-                reply.append(frame["text"])
                 self.print(frame["text"], end="")
+                printed = True
             elif kind == "end":
                 self.print()
                 self.print(status_line(frame, time.monotonic() - sent_at))
                 usage = frame.get("usage", {})
-                self.state.usage.input_tokens += int(usage.get("input_tokens", 0))
-                self.state.usage.output_tokens += int(usage.get("output_tokens", 0))
-                self.state.usage.replies += 1
-                if frame.get("stop_reason") != "cancelled":
-                    self.state.history += [
-                        {"role": "user", "content": text},
-                        {"role": "assistant", "content": "".join(reply)},
-                    ]
-                break
+                u = self.state.usage
+                u.input_tokens += int(usage.get("input_tokens", 0))
+                u.output_tokens += int(usage.get("output_tokens", 0))
+                u.cost_usd += cost_of(
+                    self.state.model, int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
+                )
+                u.replies += 1
+                return
             elif kind == "error":
-                if reply:
+                if printed:
                     self.print()
                 self.print(describe_error(frame))
-                break
-        self.current = None
+                return
 
     async def cancel(self) -> None:
         if self.ws is not None and self.current is not None:
-            await self.ws.send(orjson.dumps({"type": "cancel", "id": self.current}).decode())
+            with contextlib.suppress(ConnectionClosed):
+                await self.ws.send(orjson.dumps({"type": "cancel", "id": self.current}).decode())
 
-    def command(self, line: str) -> bool:
+    async def command(self, line: str) -> bool:
         """Handle a /command; False to quit."""
         name, _, arg = line.partition(" ")
         arg = arg.strip()
@@ -170,7 +263,7 @@ class ChatClient:
             for model in self.state.models:
                 self.print(("* " if model == self.state.model else "  ") + model)
         elif name == "/new":
-            self.state.history.clear()
+            await self.new_session()
             self.state.usage = Usage()
             self.print("new conversation")
         elif name == "/system":
@@ -178,7 +271,10 @@ class ChatClient:
             self.print("system prompt " + ("set" if arg else "cleared"))
         elif name == "/usage":
             u = self.state.usage
-            self.print(f"{u.replies} replies · {u.input_tokens} input + {u.output_tokens} output tokens")
+            self.print(
+                f"{u.replies} replies · {u.input_tokens} input + {u.output_tokens} output tokens"
+                f" · ~${u.cost_usd:.5f} (estimate)"
+            )
         else:
             self.print("commands: /model NAME, /models, /new, /system TEXT, /usage, /quit")
         return True
@@ -203,10 +299,16 @@ async def run_chat(url: str, token: str, *, model: str | None = None, max_tokens
     except OSError as exc:
         client.print(f"cannot connect to {url}: {exc}")
         return 1
+    receiver = asyncio.create_task(client.receive_loop())
+    try:
+        await client.new_session()
+    except RuntimeError as exc:
+        client.print(f"cannot start a session: {exc}")
+        receiver.cancel()
+        return 1
     client.print(
         f"connected as {ready['user']} of {ready['tenant']} · model {state.model} · /help for commands"
     )
-    receiver = asyncio.create_task(client.receive_loop())
     stdin = await _stdin_reader()
     loop = asyncio.get_running_loop()
     quit_event = asyncio.Event()
@@ -214,7 +316,9 @@ async def run_chat(url: str, token: str, *, model: str | None = None, max_tokens
 
     def on_sigint() -> None:
         if client.current is not None:
-            pending.add(asyncio.ensure_future(client.cancel()))
+            future = asyncio.ensure_future(client.cancel())
+            pending.add(future)
+            future.add_done_callback(pending.discard)
         else:
             quit_event.set()
 
@@ -232,8 +336,6 @@ async def run_chat(url: str, token: str, *, model: str | None = None, max_tokens
             quit_task.cancel()
             if receiver in done:
                 line_task.cancel()
-                client.print("\nconnection closed by the server")
-                code = 1
                 break
             if line_task not in done:
                 line_task.cancel()
@@ -245,20 +347,19 @@ async def run_chat(url: str, token: str, *, model: str | None = None, max_tokens
             if not line:
                 continue
             if line.startswith("/"):
-                if not client.command(line):
+                if not await client.command(line):
                     break
                 continue
             ask = asyncio.ensure_future(client.ask(line))
             done, _ = await asyncio.wait({ask, receiver}, return_when=asyncio.FIRST_COMPLETED)
             if receiver in done:
                 ask.cancel()
-                client.print("\nconnection closed by the server")
-                code = 1
                 break
-    except ConnectionClosed:
-        client.print("\nconnection closed")
-        code = 1
     finally:
+        client.closing = True
+        if receiver.done() and not receiver.cancelled() and receiver.exception() is not None:
+            client.print(f"\n{receiver.exception()}")
+            code = 1
         receiver.cancel()
         if client.ws is not None:
             await client.ws.close()
