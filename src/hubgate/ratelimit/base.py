@@ -234,7 +234,7 @@ def build_admission(
         tenant=tenant,
         user=user,
         stream_lease=lease,
-        reserved_tokens=estimate_tokens if policy.tokens_per_minute is not None else 0,
+        reserved_tokens=reserved_tokens(policy, estimate_tokens),
         remaining_requests=remaining,
         remaining_tokens=tokens_left,
         reset_seconds=reset_ms / 1000,

@@ -124,7 +124,7 @@ class LimiterStats:
     redis_failures: int = 0  # Redis attempts that failed or timed out (a retry counts again)
     retries: int = 0
     short_circuits: int = 0  # calls that skipped Redis because the breaker was open
-    breaker_opens: int = 0
+    breaker_opens: int = 0  # closed -> open, and open again after each failed probe
     lost_updates: int = 0  # settle, release or renew that could not reach Redis
 
 
