@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -13,14 +14,18 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from hubgate import protocol
+from hubgate.admin import usage
 from hubgate.auth import JwtVerifier
 from hubgate.errors import AuthError, TenantRefused
 from hubgate.gateway import Services, stream_endpoint
 from hubgate.leases import LeaseKeeper
-from hubgate.metering import RecentUsage
+from hubgate.metering import MemoryUsageStore, Metering, RedisUsageStore, UsageStore, load_prices
+from hubgate.metrics import Metrics
+from hubgate.playground import playground_routes
 from hubgate.providers.base import Provider
 from hubgate.providers.bedrock import BedrockProvider
 from hubgate.ratelimit import build_limiter
+from hubgate.ratelimit.resilient import ResilientLimiter
 from hubgate.resume import MemoryStreamBuffer, RedisStreamBuffer, StreamBuffer
 from hubgate.sessions import HistoryPolicy, MemorySessionStore, RedisSessionStore, SessionStore
 from hubgate.settings import Settings
@@ -68,6 +73,12 @@ async def list_models(request: Request) -> Response:
     )
 
 
+async def prometheus_metrics(request: Request) -> Response:
+    """Prometheus text exposition of this instance's metrics."""
+    services: Services = request.app.state.services
+    return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
@@ -77,11 +88,13 @@ def create_app(
     *,
     provider: Provider | None = None,
     tenants: TenantRegistry | None = None,
+    dev_tokens: Mapping[str, str] | None = None,
 ) -> Starlette:
     """Build the ASGI app. Clients (Bedrock, Redis, JWKS) are created in the lifespan, not here.
 
     ``provider`` and ``tenants`` may be passed in by an embedding program; by default the
-    Bedrock provider and the tenants file from the settings are used.
+    Bedrock provider and the tenants file from the settings are used. ``dev_tokens``
+    ({tenant: token}, from ``hubgate dev``) lets the playground page offer demo tenants.
     """
 
     @contextlib.asynccontextmanager
@@ -108,6 +121,7 @@ def create_app(
 
             sessions: SessionStore
             buffer: StreamBuffer
+            store: UsageStore
             if settings.redis_url is not None:
                 # A client of its own, apart from the limiter's: resume reads block (XREAD BLOCK)
                 # for up to a second, far longer than a limiter decision may take.
@@ -123,11 +137,13 @@ def create_app(
                 buffer = RedisStreamBuffer(
                     redis, ttl_seconds=settings.resume_ttl_seconds, max_frames=settings.resume_max_frames
                 )
+                store = RedisUsageStore(redis)
             else:
                 sessions = MemorySessionStore(HistoryPolicy.from_settings(settings))
                 buffer = MemoryStreamBuffer(
                     ttl_seconds=settings.resume_ttl_seconds, max_frames=settings.resume_max_frames
                 )
+                store = MemoryUsageStore()
 
             upstream = provider
             if upstream is None:
@@ -142,7 +158,16 @@ def create_app(
                 stack.push_async_callback(bedrock.aclose)
                 upstream = bedrock
 
-            meter = RecentUsage()
+            metrics = Metrics()
+            meter = Metering(
+                prices=load_prices(settings.prices_file),
+                store=store,
+                metrics=metrics,
+                namespace=settings.metrics_namespace,
+                emf=settings.emf_enabled,
+            )
+            meter.start()
+            stack.push_async_callback(meter.aclose)
             streams = StreamRegistry(
                 provider=upstream,
                 limiter=limiter,
@@ -150,6 +175,7 @@ def create_app(
                 buffer=buffer,
                 sessions=sessions,
                 meter=meter,
+                metrics=metrics,
                 grace_seconds=settings.stream_grace_seconds,
                 flush_interval=settings.resume_flush_ms / 1000,
             )
@@ -162,6 +188,15 @@ def create_app(
                 sessions=sessions,
                 streams=streams,
                 meter=meter,
+                metrics=metrics,
+            )
+            services = app.state.services
+            metrics.bind(
+                connections=lambda: len(services.connections),
+                streams=lambda: len(services.streams),
+                limiter_fallbacks=(
+                    (lambda: limiter.stats.fallbacks) if isinstance(limiter, ResilientLimiter) else None
+                ),
             )
             stack.push_async_callback(streams.cancel_all)
             log.info("hubgate ready", extra={"instance": settings.instance_id})
@@ -172,7 +207,10 @@ def create_app(
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/v1/models", list_models),
+            Route("/metrics", prometheus_metrics),
+            Route("/admin/usage", usage),
             WebSocketRoute("/v1/stream", stream_endpoint),
+            *playground_routes(dev_tokens),
         ],
         lifespan=lifespan,
     )

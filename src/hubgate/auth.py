@@ -63,7 +63,7 @@ ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
 TOKEN_USES = frozenset({"id", "access"})
-GROUPS_CLAIM = "cognito:groups"
+GROUPS_CLAIM = "cognito:groups"  # the default groups claim (HUBGATE_GROUPS_CLAIM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,9 +152,9 @@ def check_claims(
     return _identity_part(claims, tenant_claim, "tenant"), _identity_part(claims, user_claim, "user")
 
 
-def groups_of(claims: Mapping[str, Any]) -> tuple[str, ...]:
-    """The ``cognito:groups`` claim as a tuple, () when absent; AuthError when not a list of strings."""
-    groups = claims.get(GROUPS_CLAIM)
+def groups_of(claims: Mapping[str, Any], claim: str = GROUPS_CLAIM) -> tuple[str, ...]:
+    """The groups claim as a tuple, () when absent; AuthError when not a list of strings."""
+    groups = claims.get(claim)
     if groups is None:
         return ()
     if not isinstance(groups, list) or not all(isinstance(group, str) for group in groups):
@@ -406,4 +406,9 @@ class JwtVerifier:
             now=self._clock(),
             leeway=settings.jwt_leeway_seconds,
         )
-        return Identity(tenant=tenant, user=user, expires_at=float(claims["exp"]), groups=groups_of(claims))
+        return Identity(
+            tenant=tenant,
+            user=user,
+            expires_at=float(claims["exp"]),
+            groups=groups_of(claims, self._settings.groups_claim),
+        )

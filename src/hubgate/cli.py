@@ -12,6 +12,7 @@ from typing import Any
 
 import uvicorn
 
+from hubgate.logs import configure_logging
 from hubgate.server import HubgateServer, QuietServer, uvicorn_config
 from hubgate.settings import Settings, SettingsError
 
@@ -42,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from hubgate.app import create_app
 
     settings = _settings({"host": args.host, "port": args.port})
+    configure_logging(settings)
     app = create_app(settings)
     HubgateServer(uvicorn_config(app, settings, loop=_loop_name()), app, settings).run()
     return 0
@@ -87,6 +89,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from hubgate.tokens import mint_dev_token
 
     settings = _settings({"host": args.host, "port": args.port})
+    configure_logging(settings.replace(log_format="text"))
     secret = settings.jwt_hs256_secret or secrets.token_urlsafe(DEV_SECRET_BYTES)
     emulator_port = args.emulator_port
     settings = settings.replace(
@@ -100,8 +103,21 @@ def cmd_dev(args: argparse.Namespace) -> int:
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "hubgate-dev")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "hubgate-dev")
 
+    tokens = {
+        tenant.id: mint_dev_token(
+            secret,
+            tenant=tenant.id,
+            user=DEV_USER,
+            lifetime_seconds=24 * 3600,
+            tenant_claim=settings.tenant_claim,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+        )
+        for tenant in registry.all()
+    }
+
     loop = _loop_name()
-    app = create_app(settings, tenants=registry)
+    app = create_app(settings, tenants=registry, dev_tokens=tokens)
     gateway = HubgateServer(uvicorn_config(app, settings, loop=loop), app, settings)
     emulator = QuietServer(
         uvicorn.Config(
@@ -121,6 +137,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         "hubgate dev is running:",
         f"  gateway   {url}",
         f"  models    http://{settings.host}:{settings.port}/v1/models",
+        f"  browser   http://{settings.host}:{settings.port}/playground",
         f"  emulator  http://127.0.0.1:{emulator_port} (Bedrock runtime stand-in)",
         "  limiter   in memory" if settings.redis_url is None else f"  limiter   {settings.redis_url}",
         "",
@@ -128,15 +145,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     ]
     first_token = None
     for tenant in registry.all():
-        token = mint_dev_token(
-            secret,
-            tenant=tenant.id,
-            user=DEV_USER,
-            lifetime_seconds=24 * 3600,
-            tenant_claim=settings.tenant_claim,
-            issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience,
-        )
+        token = tokens[tenant.id]
         state = "" if tenant.enabled else "  (disabled: connections are refused)"
         lines.append(f"  {tenant.id:<10} {token}{state}")
         if first_token is None and tenant.enabled:

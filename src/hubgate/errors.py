@@ -12,6 +12,7 @@
     │   ├── RateLimited               rate_limited         (retry_after)
     │   ├── TokenRateLimited          token_rate_limited   (retry_after)
     │   ├── LimiterUnavailable        limiter_unavailable
+    │   ├── BudgetExhausted           budget_exhausted
     │   ├── StreamNotFound            stream_not_found
     │   ├── SessionNotFound           session_not_found
     │   ├── TokenExpired              token_expired        (new requests after `exp`)
@@ -95,6 +96,10 @@ class RateLimited(RequestError):
 
 class TokenRateLimited(RequestError):
     code = "token_rate_limited"
+
+
+class BudgetExhausted(RequestError):
+    code = "budget_exhausted"
 
 
 class LimiterUnavailable(RequestError):

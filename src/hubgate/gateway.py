@@ -37,7 +37,8 @@ from hubgate.errors import (
     TooManyStreams,
 )
 from hubgate.leases import LeaseKeeper
-from hubgate.metering import RecentUsage
+from hubgate.metering import Metering
+from hubgate.metrics import Metrics
 from hubgate.ratelimit.base import Limiter
 from hubgate.resume import StreamKey
 from hubgate.sessions import Session, SessionStore
@@ -59,7 +60,8 @@ class Services:
     leases: LeaseKeeper
     sessions: SessionStore
     streams: StreamRegistry
-    meter: RecentUsage
+    meter: Metering
+    metrics: Metrics
     connections: set[Connection] = field(default_factory=set)
     draining: bool = False
 

@@ -41,7 +41,9 @@ def uvicorn_config(app: Any, settings: Settings, *, loop: str = "uvloop") -> uvi
         ws_ping_timeout=settings.ping_timeout_seconds or None,
         # Compression costs CPU and ~64 KiB of zlib state per connection; chat frames are small.
         ws_per_message_deflate=False,
-        log_level=settings.log_level,
+        # hubgate.logs configures logging (JSON lines, levels, filters); uvicorn leaves it alone.
+        log_config=None,
+        log_level=None,
         access_log=False,
         # The drain already waited for streams; this only bounds uvicorn's own final wait.
         timeout_graceful_shutdown=5,

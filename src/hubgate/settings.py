@@ -103,6 +103,8 @@ class Settings:
     jwt_leeway_seconds: float = 30.0
     tenant_claim: str = "custom:tenant_id"
     user_claim: str = "sub"
+    groups_claim: str = "cognito:groups"
+    admin_group: str = "hubgate-admin"
 
     # Tenants
     tenants_file: str | None = None  # None: the demo tenants shipped in the package
@@ -125,6 +127,14 @@ class Settings:
     lease_ttl_seconds: float = 30.0
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
+    # Metering and observability
+    prices_file: str | None = None  # None: the shipped price table
+    metrics_namespace: str = "hubgate"
+    emf_enabled: bool = True
+    log_format: Literal["json", "text"] = "json"
+    log_text_lengths: bool = False
+    otel_enabled: bool = False
+
     # Sessions, resumable streams, drain
     session_ttl_seconds: float = 3600.0
     session_max_turns: int = 50
@@ -143,6 +153,9 @@ class Settings:
         mode = _str(env, "RATE_LIMIT_FAILURE_MODE", defaults.rate_limit_failure_mode)
         if mode not in ("closed", "local"):
             raise SettingsError(f"{PREFIX}RATE_LIMIT_FAILURE_MODE must be 'closed' or 'local', got {mode!r}")
+        log_format = _str(env, "LOG_FORMAT", defaults.log_format)
+        if log_format not in ("json", "text"):
+            raise SettingsError(f"{PREFIX}LOG_FORMAT must be 'json' or 'text', got {log_format!r}")
         algorithms = _list(env, "JWT_ALGORITHMS", defaults.jwt_algorithms)
         for alg in algorithms:
             if alg.lower() == "none":
@@ -167,6 +180,14 @@ class Settings:
             jwt_leeway_seconds=_float(env, "JWT_LEEWAY_SECONDS", defaults.jwt_leeway_seconds),
             tenant_claim=_str(env, "TENANT_CLAIM", defaults.tenant_claim) or defaults.tenant_claim,
             user_claim=_str(env, "USER_CLAIM", defaults.user_claim) or defaults.user_claim,
+            groups_claim=_str(env, "GROUPS_CLAIM", defaults.groups_claim) or defaults.groups_claim,
+            admin_group=_str(env, "ADMIN_GROUP", defaults.admin_group) or defaults.admin_group,
+            prices_file=_str(env, "PRICES_FILE", None),
+            metrics_namespace=_str(env, "METRICS_NAMESPACE", defaults.metrics_namespace) or "hubgate",
+            emf_enabled=_bool(env, "EMF_ENABLED", defaults.emf_enabled),
+            log_format=log_format,  # type: ignore[arg-type]
+            log_text_lengths=_bool(env, "LOG_TEXT_LENGTHS", defaults.log_text_lengths),
+            otel_enabled=_bool(env, "OTEL_ENABLED", defaults.otel_enabled),
             tenants_file=_str(env, "TENANTS_FILE", None),
             allowed_origins=_list(env, "ALLOWED_ORIGINS"),
             max_message_bytes=_int(env, "MAX_MESSAGE_BYTES", defaults.max_message_bytes, 1024),

@@ -20,8 +20,11 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from redis.exceptions import RedisError
+
 from hubgate import protocol
 from hubgate.errors import (
+    BudgetExhausted,
     DuplicateId,
     GatewayError,
     RequestError,
@@ -29,7 +32,15 @@ from hubgate.errors import (
     UpstreamError,
 )
 from hubgate.leases import LeaseKeeper
-from hubgate.metering import Meter, UsageRecord
+from hubgate.metering import (
+    Metering,
+    Spend,
+    UsageRecord,
+    budget_fraction,
+    crossed_threshold,
+    month_of,
+)
+from hubgate.metrics import Metrics
 from hubgate.providers.base import Completion, Provider, ProviderRequest, Turn
 from hubgate.ratelimit.base import Admission, Limiter
 from hubgate.resume import BufferedFrame, BufferWriter, StreamBuffer, StreamKey, replay
@@ -121,7 +132,8 @@ class StreamRegistry:
         leases: LeaseKeeper,
         buffer: StreamBuffer,
         sessions: SessionStore,
-        meter: Meter,
+        meter: Metering,
+        metrics: Metrics,
         grace_seconds: float,
         flush_interval: float,
     ) -> None:
@@ -131,6 +143,7 @@ class StreamRegistry:
         self._buffer = buffer
         self._sessions = sessions
         self._meter = meter
+        self._metrics = metrics
         self._grace = grace_seconds
         self._flush_interval = flush_interval
         self.active: dict[StreamKey, ActiveStream] = {}
@@ -302,6 +315,7 @@ class StreamRegistry:
         input_estimate = 0
         reached_upstream = False
         started = False
+        spend_before: Spend | None = None
         stream.running = True
         try:
             try:
@@ -315,8 +329,11 @@ class StreamRegistry:
                     Turn(m.role, m.content) for m in chat.messages
                 )
                 input_estimate = estimate_input_tokens(system, [t.content for t in turns])
+                spend_before = await self._check_budget(request)
                 admission = await self._admit(request, input_estimate + request.max_tokens)
+                self._metrics.decision("admitted")
             except RequestError as exc:
+                self._metrics.decision(exc.code)
                 await self._emit(stream, frames.error(exc.code, exc.message, exc.retry_after), terminal=True)
                 return
             self._leases.add(key.tenant, request.lease)
@@ -388,6 +405,7 @@ class StreamRegistry:
                 ttft_ms=ttft_ms,
                 duration_ms=(time.monotonic() - received) * 1000,
                 reached_upstream=reached_upstream,
+                spend_before=spend_before,
             )
 
     async def _admit(self, request: StreamRequest, estimate: int) -> Admission:
@@ -411,6 +429,43 @@ class StreamRegistry:
                 admission = await call
                 await self._limiter.settle(admission, request.tenant.limits, used_tokens=0, now=time.time())
             raise
+
+    async def _check_budget(self, request: StreamRequest) -> Spend | None:
+        """Refuse a tenant whose monthly budget is spent; the spend so far, or None without a budget."""
+        budget = request.tenant.budget
+        if not budget.active:
+            return None
+        try:
+            spend = await self._meter.month_spend(request.key.tenant, time.time())
+        except (OSError, RedisError):
+            log.warning("cannot read the monthly spend; admitting without the budget check")
+            return None
+        if budget_fraction(budget, spend) >= 1.0:
+            raise BudgetExhausted("this tenant's monthly budget is spent; it resets on the 1st (UTC)")
+        return spend
+
+    async def _warn_budget(self, stream: ActiveStream, before: Spend, record: UsageRecord) -> None:
+        budget = stream.request.tenant.budget
+        after = Spend(
+            before.tokens + record.input_tokens + record.output_tokens, before.cost_usd + record.cost_usd
+        )
+        used = budget_fraction(budget, after)
+        threshold = crossed_threshold(budget_fraction(budget, before), used)
+        owner = stream.owner
+        if threshold is None or owner is None:
+            return
+        frame = {
+            "type": "budget",
+            "threshold": threshold,
+            "used": round(used, 4),
+            "month": month_of(record.timestamp),
+            "spent_usd": round(after.cost_usd, 6),
+            "spent_tokens": after.tokens,
+            "monthly_budget_usd": budget.usd,
+            "monthly_budget_tokens": budget.tokens,
+        }
+        with contextlib.suppress(OwnerGone):
+            await owner.deliver(protocol.encode(frame))
 
     async def _open_writer(self, key: StreamKey) -> BufferWriter | None:
         try:
@@ -446,6 +501,7 @@ class StreamRegistry:
         ttft_ms: float | None,
         duration_ms: float,
         reached_upstream: bool,
+        spend_before: Spend | None,
     ) -> None:
         """Flush the buffer, settle the reservation, meter once, unregister. Never raises."""
         request = stream.request
@@ -470,7 +526,7 @@ class StreamRegistry:
                     now=time.time(),
                 )
             if reached_upstream:
-                self._meter.record(
+                priced = self._meter.record(
                     UsageRecord(
                         request_id=key.request_id,
                         connection_id=request.connection_id,
@@ -487,6 +543,8 @@ class StreamRegistry:
                         timestamp=time.time(),
                     )
                 )
+                if spend_before is not None:
+                    await self._warn_budget(stream, spend_before, priced)
         except Exception:  # the stream is over whatever happens here; never leak the registration
             log.exception("finishing request %s failed", key.request_id)
         finally:

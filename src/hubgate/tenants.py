@@ -17,11 +17,13 @@ from typing import Any
 
 import yaml
 
+from hubgate.metering import Budget
 from hubgate.ratelimit.policy import LimitPolicy
 
 DEFAULT_MAX_TOKENS = 1024
 _TENANT_KEYS = frozenset({"name", "enabled", "models", "default_model", "default_max_tokens", "limits"})
-_LIMIT_KEYS = frozenset(f.name for f in dataclasses.fields(LimitPolicy))
+_BUDGET_KEYS = frozenset({"monthly_budget_usd", "monthly_budget_tokens"})
+_LIMIT_KEYS = frozenset(f.name for f in dataclasses.fields(LimitPolicy)) | _BUDGET_KEYS
 
 
 class TenantConfigError(ValueError):
@@ -37,6 +39,7 @@ class Tenant:
     default_model: str
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     limits: LimitPolicy = dataclasses.field(default_factory=LimitPolicy)
+    budget: Budget = dataclasses.field(default_factory=Budget)
 
     def allows(self, model: str) -> bool:
         return model in self.models
@@ -52,6 +55,8 @@ def _parse_limits(tenant_id: str, raw: Any) -> LimitPolicy:
         raise TenantConfigError(f"tenant {tenant_id!r}: unknown limit(s) {sorted(unknown)}")
     values: dict[str, int | None] = {}
     for key, value in raw.items():
+        if key in _BUDGET_KEYS:
+            continue
         if value is None:
             values[key] = None
             continue
@@ -62,6 +67,22 @@ def _parse_limits(tenant_id: str, raw: Any) -> LimitPolicy:
         return LimitPolicy(**values)
     except ValueError as exc:
         raise TenantConfigError(f"tenant {tenant_id!r}: {exc}") from exc
+
+
+def _parse_budget(tenant_id: str, raw: Any) -> Budget:
+    if not isinstance(raw, Mapping):
+        return Budget()
+    usd = raw.get("monthly_budget_usd")
+    tokens = raw.get("monthly_budget_tokens")
+    if usd is not None and (isinstance(usd, bool) or not isinstance(usd, int | float) or usd < 0):
+        raise TenantConfigError(
+            f"tenant {tenant_id!r}: limits.monthly_budget_usd must be a non-negative number"
+        )
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
+        raise TenantConfigError(
+            f"tenant {tenant_id!r}: limits.monthly_budget_tokens must be a non-negative integer"
+        )
+    return Budget(usd=None if usd is None else float(usd), tokens=tokens)
 
 
 def _parse_tenant(tenant_id: str, raw: Any) -> Tenant:
@@ -93,6 +114,7 @@ def _parse_tenant(tenant_id: str, raw: Any) -> Tenant:
         default_model=default_model,
         default_max_tokens=max_tokens,
         limits=_parse_limits(tenant_id, raw.get("limits")),
+        budget=_parse_budget(tenant_id, raw.get("limits")),
     )
 
 
