@@ -275,7 +275,7 @@ def test_registry_lookups() -> None:
 
 
 def test_a_burst_without_its_rate_names_the_tenant() -> None:
-    with pytest.raises(TenantConfigError, match="tenant 'a'.*request_burst needs"):
+    with pytest.raises(TenantConfigError, match=r"tenant 'a'.*request_burst needs"):
         parse_tenants({"tenants": {"a": {"models": ["m"], "limits": {"request_burst": 5}}}})
 
 
