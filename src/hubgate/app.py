@@ -30,6 +30,7 @@ from hubgate.resume import MemoryStreamBuffer, RedisStreamBuffer, StreamBuffer
 from hubgate.sessions import HistoryPolicy, MemorySessionStore, RedisSessionStore, SessionStore
 from hubgate.settings import Settings
 from hubgate.streams import StreamRegistry
+from hubgate.telemetry import build_recorder
 from hubgate.tenants import TenantRegistry
 
 log = logging.getLogger("hubgate.app")
@@ -176,6 +177,7 @@ def create_app(
                 sessions=sessions,
                 meter=meter,
                 metrics=metrics,
+                spans=build_recorder(settings.otel_enabled),
                 grace_seconds=settings.stream_grace_seconds,
                 flush_interval=settings.resume_flush_ms / 1000,
             )

@@ -45,6 +45,7 @@ from hubgate.providers.base import Completion, Provider, ProviderRequest, Turn
 from hubgate.ratelimit.base import Admission, Limiter
 from hubgate.resume import BufferedFrame, BufferWriter, StreamBuffer, StreamKey, replay
 from hubgate.sessions import Message, Session, SessionStore
+from hubgate.telemetry import SpanRecorder
 from hubgate.tenants import Tenant
 
 log = logging.getLogger("hubgate.streams")
@@ -135,6 +136,7 @@ class StreamRegistry:
         meter: Metering,
         metrics: Metrics,
         grace_seconds: float,
+        spans: SpanRecorder | None = None,
         flush_interval: float,
     ) -> None:
         self._provider = provider
@@ -144,6 +146,7 @@ class StreamRegistry:
         self._sessions = sessions
         self._meter = meter
         self._metrics = metrics
+        self._spans = spans
         self._grace = grace_seconds
         self._flush_interval = flush_interval
         self.active: dict[StreamKey, ActiveStream] = {}
@@ -543,6 +546,9 @@ class StreamRegistry:
                         timestamp=time.time(),
                     )
                 )
+                if self._spans is not None:
+                    end_ns = time.time_ns()
+                    self._spans.record(priced, start_ns=end_ns - int(duration_ms * 1_000_000), end_ns=end_ns)
                 if spend_before is not None:
                     await self._warn_budget(stream, spend_before, priced)
         except Exception:  # the stream is over whatever happens here; never leak the registration
