@@ -11,6 +11,7 @@ from hubgate.settings import Settings
 from hubgate.tokens import mint_dev_token
 from tests.support.emulator_server import EmulatorServer
 from tests.support.gateway_server import TEST_SECRET, gateway_settings, running_gateway
+from tests.support.moto_server import MotoServer
 from tests.support.redis_server import RedisServer
 
 
@@ -67,3 +68,14 @@ async def gateway(emulator: EmulatorServer) -> AsyncIterator[Settings]:
 
 def ws_url(settings: Settings) -> str:
     return f"ws://127.0.0.1:{settings.port}/v1/stream"
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    """moto in server mode (DynamoDB, STS, Cognito), shared by the session; tests use unique names."""
+    server = MotoServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -38,6 +38,7 @@ EVERY_VARIABLE: dict[str, tuple[str, Any]] = {
     "auth_expiry_warning_seconds": ("30", 30.0),
     "redis_url": ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
     "rate_limit_failure_mode": ("closed", "closed"),
+    "log_format": ("text", "text"),
     "expected_instances": ("5", 5),
     "redis_timeout_ms": ("20", 20),
     "redis_max_connections": ("16", 16),

@@ -108,6 +108,15 @@ class Settings:
 
     # Tenants
     tenants_file: str | None = None  # None: the demo tenants shipped in the package
+    tenants_table: str | None = None  # a DynamoDB table instead of the file
+    registry_refresh_seconds: float = 30.0
+    dynamodb_endpoint_url: str | None = None  # None: the regional endpoint
+    sts_endpoint_url: str | None = None  # None: the regional endpoint
+
+    # Retries before the first token, then fallback models
+    upstream_retry_attempts: int = 3
+    upstream_retry_base_ms: float = 200.0
+    upstream_retry_max_seconds: float = 10.0
 
     # WebSocket endpoint
     allowed_origins: tuple[str, ...] = ()  # empty: any Origin (and none) is accepted
@@ -189,6 +198,17 @@ class Settings:
             log_text_lengths=_bool(env, "LOG_TEXT_LENGTHS", defaults.log_text_lengths),
             otel_enabled=_bool(env, "OTEL_ENABLED", defaults.otel_enabled),
             tenants_file=_str(env, "TENANTS_FILE", None),
+            tenants_table=_str(env, "TENANTS_TABLE", None),
+            registry_refresh_seconds=_float(
+                env, "REGISTRY_REFRESH_SECONDS", defaults.registry_refresh_seconds, 1.0
+            ),
+            dynamodb_endpoint_url=_str(env, "DYNAMODB_ENDPOINT_URL", None),
+            sts_endpoint_url=_str(env, "STS_ENDPOINT_URL", None),
+            upstream_retry_attempts=_int(env, "UPSTREAM_RETRY_ATTEMPTS", defaults.upstream_retry_attempts, 1),
+            upstream_retry_base_ms=_float(env, "UPSTREAM_RETRY_BASE_MS", defaults.upstream_retry_base_ms),
+            upstream_retry_max_seconds=_float(
+                env, "UPSTREAM_RETRY_MAX_SECONDS", defaults.upstream_retry_max_seconds
+            ),
             allowed_origins=_list(env, "ALLOWED_ORIGINS"),
             max_message_bytes=_int(env, "MAX_MESSAGE_BYTES", defaults.max_message_bytes, 1024),
             max_streams_per_connection=_int(
