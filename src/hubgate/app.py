@@ -22,14 +22,14 @@ from hubgate.leases import LeaseKeeper
 from hubgate.metering import MemoryUsageStore, Metering, RedisUsageStore, UsageStore, load_prices
 from hubgate.metrics import Metrics
 from hubgate.playground import playground_routes
-from hubgate.providers.base import Provider
+from hubgate.providers.base import Provider, SingleProvider
 from hubgate.providers.bedrock import BedrockProvider
 from hubgate.ratelimit import build_limiter
 from hubgate.ratelimit.resilient import ResilientLimiter
 from hubgate.resume import MemoryStreamBuffer, RedisStreamBuffer, StreamBuffer
 from hubgate.sessions import HistoryPolicy, MemorySessionStore, RedisSessionStore, SessionStore
 from hubgate.settings import Settings
-from hubgate.streams import StreamRegistry
+from hubgate.streams import RetryPolicy, StreamRegistry
 from hubgate.telemetry import build_recorder
 from hubgate.tenants import TenantRegistry
 
@@ -170,7 +170,12 @@ def create_app(
             meter.start()
             stack.push_async_callback(meter.aclose)
             streams = StreamRegistry(
-                provider=upstream,
+                providers=SingleProvider(upstream),
+                retry=RetryPolicy(
+                    attempts=settings.upstream_retry_attempts,
+                    base=settings.upstream_retry_base_ms / 1000,
+                    max_seconds=settings.upstream_retry_max_seconds,
+                ),
                 limiter=limiter,
                 leases=leases,
                 buffer=buffer,

@@ -125,11 +125,20 @@ class RefreshRefused(RequestError):
 
 
 class UpstreamError(RequestError):
+    """Bedrock failed. ``retryable``: worth another attempt before the first token (5xx, network)."""
+
     code = "upstream_error"
+
+    def __init__(self, message: str = "", *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class UpstreamThrottled(UpstreamError):
     code = "upstream_throttled"
+
+    def __init__(self, message: str = "", *, retryable: bool = True) -> None:
+        super().__init__(message, retryable=retryable)
 
 
 class UpstreamTimeout(UpstreamError):

@@ -356,6 +356,7 @@ class Connection:
             chat=chat,
             max_tokens=chat.max_tokens or tenant.default_max_tokens,
             lease=f"{self._lease}:{chat.id}",
+            fallbacks=tuple(m for m in tenant.fallbacks if m != model and tenant.allows(m)),
         )
         self.s.streams.start(request, self)
 

@@ -67,6 +67,12 @@ class Metrics:
             "hubgate_rate_limit_decisions", "Admission decisions", ["decision"], registry=r
         )
         self.upstream_errors = Counter("hubgate_upstream_errors", "Upstream failures", ["code"], registry=r)
+        self.attempts = Counter(
+            "hubgate_upstream_attempts",
+            "Upstream attempts before the first token, by model and outcome",
+            ["model", "outcome"],
+            registry=r,
+        )
         self.cost = Counter("hubgate_cost_usd", "Metered cost in USD", ["tenant", "model"], registry=r)
         self._callbacks = _CallbackCounters()
         r.register(self._callbacks)
@@ -97,6 +103,9 @@ class Metrics:
         self.duration.labels(tenant, model).observe(record.duration_ms / 1000)
         if record.error_code is not None and record.error_code.startswith("upstream_"):
             self.upstream_errors.labels(record.error_code).inc()
+
+    def attempt(self, model: str, outcome: str) -> None:
+        self.attempts.labels(model, outcome).inc()
 
     def decision(self, name: str) -> None:
         self.decisions.labels(name).inc()

@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Awaitable
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from redis.exceptions import RedisError
@@ -41,7 +42,7 @@ from hubgate.metering import (
     month_of,
 )
 from hubgate.metrics import Metrics
-from hubgate.providers.base import Completion, Provider, ProviderRequest, Turn
+from hubgate.providers.base import Completion, ProviderRequest, ProviderResolver, Turn
 from hubgate.ratelimit.base import Admission, Limiter
 from hubgate.resume import BufferedFrame, BufferWriter, StreamBuffer, StreamKey, replay
 from hubgate.sessions import Message, Session, SessionStore
@@ -82,6 +83,36 @@ def estimate_input_tokens(system: str | None, contents: list[str]) -> int:
     return max(1, -(-chars // 4))
 
 
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Retries before the first token: capped exponential backoff with full jitter.
+
+    Full jitter (a uniform pause in [0, min(cap, base * 2**attempt)]) spreads the retries of many
+    throttled clients apart instead of synchronising them (AWS Architecture Blog, "Exponential
+    Backoff And Jitter").
+    """
+
+    attempts: int = 3  # per model
+    base: float = 0.2
+    cap: float = 2.0
+    max_seconds: float = 10.0  # for all attempts and fallbacks together
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0.0, min(self.cap, self.base * 2**attempt))
+
+
+async def _prepend(
+    first: str | Completion, rest: AsyncGenerator[str | Completion, None]
+) -> AsyncGenerator[str | Completion, None]:
+    """Yield an item already read, then the rest; closing it closes the upstream stream."""
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()
+
+
 @dataclass(slots=True)
 class StreamRequest:
     """Everything a stream needs to run, resolved by the connection that received the chat."""
@@ -93,6 +124,7 @@ class StreamRequest:
     chat: protocol.Chat
     max_tokens: int
     lease: str
+    fallbacks: tuple[str, ...] = ()  # allowed models to try, in order, when `model` is throttled or down
 
 
 @dataclass(eq=False, slots=True)
@@ -128,7 +160,7 @@ class StreamRegistry:
     def __init__(
         self,
         *,
-        provider: Provider,
+        providers: ProviderResolver,
         limiter: Limiter,
         leases: LeaseKeeper,
         buffer: StreamBuffer,
@@ -137,9 +169,11 @@ class StreamRegistry:
         metrics: Metrics,
         grace_seconds: float,
         spans: SpanRecorder | None = None,
+        retry: RetryPolicy | None = None,
         flush_interval: float,
     ) -> None:
-        self._provider = provider
+        self._providers = providers
+        self._retry = retry or RetryPolicy()
         self._limiter = limiter
         self._leases = leases
         self._buffer = buffer
@@ -306,8 +340,9 @@ class StreamRegistry:
 
     async def _run(self, stream: ActiveStream) -> None:
         request = stream.request
-        key, chat = request.key, request.chat
+        key, chat, tenant = request.key, request.chat, request.tenant
         received = time.monotonic()
+        served_model = request.model
         frames = protocol.FrameBuilder(chat.id)
         admission: Admission | None = None
         session: Session | None = None
@@ -356,13 +391,15 @@ class StreamRegistry:
                 temperature=chat.temperature,
                 top_p=chat.top_p,
                 stop=chat.stop,
+                guardrail=tenant.guardrail,
             )
             try:
                 reached_upstream = True
-                async for item in self._provider.stream(provider_request):
+                served_model, upstream = await self._open_upstream(request, provider_request)
+                async for item in upstream:
                     if not started:
                         started = True
-                        await self._emit(stream, frames.start(request.model, limits, chat.session))
+                        await self._emit(stream, frames.start(served_model, limits, chat.session))
                     if isinstance(item, str):
                         if ttft_ms is None:
                             ttft_ms = (time.monotonic() - received) * 1000
@@ -409,7 +446,54 @@ class StreamRegistry:
                 duration_ms=(time.monotonic() - received) * 1000,
                 reached_upstream=reached_upstream,
                 spend_before=spend_before,
+                model=served_model,
             )
+
+    async def _open_upstream(
+        self, request: StreamRequest, provider_request: ProviderRequest
+    ) -> tuple[str, AsyncGenerator[str | Completion, None]]:
+        """Start the upstream stream: retry a throttle or server error before the first token with
+        capped exponential backoff and full jitter, then try the fallback models in order.
+
+        Returns the model that serves and an iterator that replays the first item it already read.
+        After the first token nothing is retried (the caller ends the stream with an error frame).
+        """
+        provider = await self._providers.provider_for(request.key.tenant, request.tenant.route)
+        policy = self._retry
+        deadline = time.monotonic() + policy.max_seconds
+        models = (request.model, *request.fallbacks)
+        last_error: UpstreamError | None = None
+        for index, model in enumerate(models):
+            attempt_request = replace(provider_request, model=model)
+            for attempt in range(policy.attempts):
+                upstream = provider.stream(attempt_request)
+                try:
+                    first = await anext(upstream)
+                except UpstreamError as exc:
+                    await upstream.aclose()
+                    self._metrics.attempt(model, exc.code)
+                    if not exc.retryable:
+                        raise
+                    last_error = exc
+                    final = attempt == policy.attempts - 1
+                    pause = policy.delay(attempt)
+                    if final or time.monotonic() + pause > deadline:
+                        break
+                    await asyncio.sleep(pause)
+                    continue
+                except StopAsyncIteration:
+                    raise UpstreamError("the model stream ended before it was complete") from None
+                self._metrics.attempt(model, "ok")
+                if index:
+                    log.info(
+                        "served by fallback model",
+                        extra={"request_id": request.key.request_id, "model": model},
+                    )
+                return model, _prepend(first, upstream)
+            if time.monotonic() >= deadline:
+                break
+        assert last_error is not None
+        raise last_error
 
     async def _admit(self, request: StreamRequest, estimate: int) -> Admission:
         """Admit through the limiter; a cancel during the call still gets the admission settled."""
@@ -505,6 +589,7 @@ class StreamRegistry:
         duration_ms: float,
         reached_upstream: bool,
         spend_before: Spend | None,
+        model: str,
     ) -> None:
         """Flush the buffer, settle the reservation, meter once, unregister. Never raises."""
         request = stream.request
@@ -535,7 +620,7 @@ class StreamRegistry:
                         connection_id=request.connection_id,
                         tenant=key.tenant,
                         user=key.user,
-                        model=request.model,
+                        model=model,
                         input_tokens=input_tokens,
                         output_tokens=output_tokens,
                         estimated=estimated,

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from hubgate.metering import Budget
+from hubgate.providers.base import Guardrail, Route
 from hubgate.ratelimit.policy import LimitPolicy
 
 DEFAULT_MAX_TOKENS = 1024
@@ -40,6 +41,9 @@ class Tenant:
     default_max_tokens: int = DEFAULT_MAX_TOKENS
     limits: LimitPolicy = dataclasses.field(default_factory=LimitPolicy)
     budget: Budget = dataclasses.field(default_factory=Budget)
+    route: Route | None = None  # None: the hub's own account and region
+    guardrail: Guardrail | None = None
+    fallbacks: tuple[str, ...] = ()  # tried in order when the requested model is throttled or down
 
     def allows(self, model: str) -> bool:
         return model in self.models

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -14,6 +14,25 @@ class Turn:
 
 
 @dataclass(frozen=True, slots=True)
+class Route:
+    """Where a tenant's requests go: its own (spoke) account, region or VPC endpoint."""
+
+    region: str | None = None  # None: the hub's region
+    role_arn: str | None = None  # assumed with STS; None: the hub's own credentials
+    external_id: str | None = None
+    endpoint_url: str | None = None  # e.g. a VPC endpoint DNS name; None: the hub's setting
+
+
+@dataclass(frozen=True, slots=True)
+class Guardrail:
+    """A Bedrock guardrail applied to every request it is attached to."""
+
+    id: str
+    version: str
+    stream_mode: Literal["sync", "async"] = "async"
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderRequest:
     model: str
     messages: tuple[Turn, ...]
@@ -22,6 +41,7 @@ class ProviderRequest:
     temperature: float | None = None
     top_p: float | None = None
     stop: tuple[str, ...] = ()
+    guardrail: Guardrail | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +54,7 @@ class Completion:
 
 
 class Provider(Protocol):
-    def stream(self, request: ProviderRequest) -> AsyncIterator[str | Completion]:
+    def stream(self, request: ProviderRequest) -> AsyncGenerator[str | Completion, None]:
         """Yield text deltas as they arrive, then exactly one Completion.
 
         Raises hubgate.errors.UpstreamError (or a subclass) on any upstream failure, including
@@ -44,3 +64,24 @@ class Provider(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class ProviderResolver(Protocol):
+    """Picks the provider (client) for a tenant's route."""
+
+    async def provider_for(self, tenant_id: str, route: Route | None) -> Provider: ...
+
+    async def aclose(self) -> None: ...
+
+
+class SingleProvider:
+    """Every tenant through one provider (no per-tenant routes)."""
+
+    def __init__(self, provider: Provider) -> None:
+        self.provider = provider
+
+    async def provider_for(self, tenant_id: str, route: Route | None) -> Provider:
+        return self.provider
+
+    async def aclose(self) -> None:
+        await self.provider.aclose()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aioboto3
@@ -42,6 +42,14 @@ _THROTTLE_CODES = frozenset(
     }
 )
 _TIMEOUT_CODES = frozenset({"ModelTimeoutException", "modelTimeoutException"})
+_SERVER_CODES = frozenset(
+    {
+        "InternalServerException",
+        "internalServerException",
+        "ModelNotReadyException",
+        "modelStreamErrorException",
+    }
+)
 
 
 def map_error_code(code: str, status: int | None = None) -> UpstreamError:
@@ -52,8 +60,11 @@ def map_error_code(code: str, status: int | None = None) -> UpstreamError:
     if code in _THROTTLE_CODES or status == 429:
         return UpstreamThrottled(f"Bedrock is throttling requests ({code})")
     if code in _TIMEOUT_CODES:
-        return UpstreamTimeout(f"the model timed out ({code})")
-    return UpstreamError(f"Bedrock refused the request ({code or status or 'unknown error'})")
+        return UpstreamTimeout(f"the model timed out ({code})", retryable=True)
+    server_side = code in _SERVER_CODES or (status is not None and status >= 500)
+    return UpstreamError(
+        f"Bedrock refused the request ({code or status or 'unknown error'})", retryable=server_side
+    )
 
 
 def converse_arguments(request: ProviderRequest) -> dict[str, Any]:
@@ -72,6 +83,12 @@ def converse_arguments(request: ProviderRequest) -> dict[str, Any]:
     }
     if request.system:
         kwargs["system"] = [{"text": request.system}]
+    if request.guardrail is not None:
+        kwargs["guardrailConfig"] = {
+            "guardrailIdentifier": request.guardrail.id,
+            "guardrailVersion": request.guardrail.version,
+            "streamProcessingMode": request.guardrail.stream_mode,
+        }
     return kwargs
 
 
@@ -88,6 +105,7 @@ class BedrockProvider:
         max_attempts: int,
         max_pool_connections: int = 256,
         credentials: tuple[str, str] | None = None,
+        session: aioboto3.Session | None = None,
     ) -> None:
         self._region = region
         self._endpoint_url = endpoint_url
@@ -102,12 +120,15 @@ class BedrockProvider:
             tcp_keepalive=True,
         )
         self._credentials = credentials
+        self._session = session
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
 
     async def start(self) -> None:
         """Create the long-lived client (and its connection pool)."""
-        if self._credentials is not None:
+        if self._session is not None:
+            session = self._session
+        elif self._credentials is not None:
             session = aioboto3.Session(
                 aws_access_key_id=self._credentials[0], aws_secret_access_key=self._credentials[1]
             )
@@ -126,7 +147,7 @@ class BedrockProvider:
         await self._stack.aclose()
         self._client = None
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[str | Completion]:
+    async def stream(self, request: ProviderRequest) -> AsyncGenerator[str | Completion, None]:
         if self._client is None:
             raise UpstreamError("the Bedrock client is not started")
         try:
@@ -136,9 +157,9 @@ class BedrockProvider:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             raise map_error_code(str(error.get("Code", "")), status) from exc
         except (TimeoutError, ReadTimeoutError, ConnectTimeoutError) as exc:
-            raise UpstreamTimeout("Bedrock did not answer in time") from exc
+            raise UpstreamTimeout("Bedrock did not answer in time", retryable=True) from exc
         except (BotoCoreError, aiohttp.ClientError) as exc:
-            raise UpstreamError("cannot reach Bedrock") from exc
+            raise UpstreamError("cannot reach Bedrock", retryable=True) from exc
 
         events = response["stream"]
         stop_reason: str | None = None
