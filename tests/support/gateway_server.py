@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -46,10 +47,13 @@ def gateway_settings(emulator_url: str, **changes: object) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(settings: Settings) -> AsyncIterator[EmbeddedServer]:
-    """The real app under a real uvicorn server on a free port, in the current event loop."""
+async def running_gateway(settings: Settings, **app_options: Any) -> AsyncIterator[EmbeddedServer]:
+    """The real app under a real uvicorn server on a free port, in the current event loop.
+
+    ``app_options`` go to ``create_app`` (e.g. ``tenants=`` a registry built in the test).
+    """
     ensure_aws_env()
-    app = create_app(settings)
+    app = create_app(settings, **app_options)
     server = EmbeddedServer(uvicorn_config(app, settings, loop="asyncio"), app, settings)
     task = asyncio.create_task(server.serve())
     try:

@@ -170,6 +170,7 @@ class Directives:
     ttft_ms: float | None = None
     token_delay_ms: float | None = None
     guardrail_intervene: bool = False
+    fault_model: str | None = None  # the fault applies only to requests for this model id
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +277,7 @@ def parse_directives(texts: Sequence[str]) -> Directives:
     ttft_ms: float | None = None
     token_delay_ms: float | None = None
     guardrail_intervene = False
+    fault_model: str | None = None
     for key, value in values.items():
         match key:
             case "fault":
@@ -296,6 +298,10 @@ def parse_directives(texts: Sequence[str]) -> Directives:
                 ttft_ms = _parse_delay(key, value)
             case "token_delay_ms":
                 token_delay_ms = _parse_delay(key, value)
+            case "fault_model":
+                if not value.strip():
+                    raise InvalidRequest("emulator directive fault_model needs a model id")
+                fault_model = value.strip()
             case "guardrail":
                 if value != "intervene":
                     raise InvalidRequest("emulator directive guardrail only accepts the value intervene")
@@ -309,7 +315,9 @@ def parse_directives(texts: Sequence[str]) -> Directives:
         raise InvalidRequest("emulator directives guardrail and fault cannot be combined")
     if after is not None and not guardrail_intervene and (fault is None or not fault.mid_stream):
         raise InvalidRequest("emulator directive after needs a mid-stream fault or guardrail=intervene")
-    return Directives(fault, after, tokens, reply, ttft_ms, token_delay_ms, guardrail_intervene)
+    if fault_model is not None and fault is None:
+        raise InvalidRequest("emulator directive fault_model needs a fault")
+    return Directives(fault, after, tokens, reply, ttft_ms, token_delay_ms, guardrail_intervene, fault_model)
 
 
 # Request bodies --------------------------------------------------------------------------------
@@ -527,6 +535,8 @@ def build_script(operation: Operation, model_id: str, body: object) -> Script:
     directives = parse_directives(prompt.last_user_texts)
     input_tokens = count_input_tokens(prompt)
     fault = directives.fault
+    if directives.fault_model is not None and not model_id.endswith(directives.fault_model):
+        fault = None  # aimed at another model: this one answers normally
 
     if fault is not None and not fault.mid_stream:
         return Script(operation, model_id, (), input_tokens, None, None, fault, None, None, None)
