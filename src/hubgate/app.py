@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -17,7 +18,7 @@ from hubgate import protocol
 from hubgate.admin import usage
 from hubgate.auth import JwtVerifier
 from hubgate.errors import AuthError, TenantRefused
-from hubgate.gateway import Services, stream_endpoint
+from hubgate.gateway import Services, stream_endpoint, watch_slow_clients
 from hubgate.leases import LeaseKeeper
 from hubgate.metering import MemoryUsageStore, Metering, RedisUsageStore, UsageStore, load_prices
 from hubgate.metrics import Metrics
@@ -206,6 +207,8 @@ def create_app(
                 ),
             )
             stack.push_async_callback(streams.cancel_all)
+            watchdog = asyncio.create_task(watch_slow_clients(services), name="hubgate-slow-clients")
+            stack.callback(watchdog.cancel)
             log.info("hubgate ready", extra={"instance": settings.instance_id})
             yield
 

@@ -74,6 +74,41 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+class MessageRate:
+    """Per-connection message rate limit (pure; time passed in).
+
+    A token bucket of ``rate`` messages a second holding 5 seconds' worth. Over it, messages are
+    dropped with one `message_rate_limited` warning a second; a client that keeps flooding
+    (another 5 seconds' worth dropped in a row) is disconnected with close code 1008.
+    """
+
+    ALLOW, WARN, DROP, CLOSE = "allow", "warn", "drop", "close"
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate * 5)
+        self.tokens = self.burst
+        self.updated = -1.0
+        self.dropped_in_a_row = 0
+        self.warned_at = float("-inf")
+
+    def check(self, now: float) -> str:
+        if self.updated >= 0:
+            self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            self.dropped_in_a_row = 0
+            return self.ALLOW
+        self.dropped_in_a_row += 1
+        if self.dropped_in_a_row > self.burst:
+            return self.CLOSE
+        if now - self.warned_at >= 1.0:
+            self.warned_at = now
+            return self.WARN
+        return self.DROP
+
+
 class _Closed(Exception):
     """The socket is gone; stop pumping."""
 
@@ -90,6 +125,7 @@ class Connection:
         self.identity: Identity | None = None
         self.tenant: Tenant | None = None
         self._replays: dict[str, asyncio.Task[None]] = {}
+        self.sending_since = 0.0
         self._background: set[asyncio.Task[None]] = set()
         self._lease = f"{self.settings.instance_id}:{self.id}"
         self._lease_tenant: str | None = None
@@ -235,32 +271,48 @@ class Connection:
     # ------------------------------------------------------------------ pumping
 
     async def _pump(self) -> None:
-        while True:
-            message = await self.ws.receive()
-            kind = message["type"]
-            if kind == "websocket.disconnect":
-                self.state = State.CLOSED
-                return
-            raw = message.get("text")
-            if raw is None:
-                await self._send_frame(
-                    protocol.error_frame("invalid_message", "binary frames are not accepted; send JSON text")
-                )
-                continue
-            try:
-                parsed = protocol.parse_client_message(raw)
-                await self._dispatch(parsed)
-            except RequestError as exc:
-                await self._send_frame(
-                    protocol.error_frame(
-                        exc.code,
-                        exc.message,
-                        request_id=protocol.request_id_of(raw),
-                        retry_after=exc.retry_after,
+        rate = MessageRate(self.settings.max_messages_per_second)
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    self.state = State.CLOSED
+                    return
+                verdict = rate.check(time.monotonic())
+                if verdict is not MessageRate.ALLOW:
+                    if verdict is MessageRate.CLOSE:
+                        await self._close(CloseCode.POLICY_VIOLATION, "message rate exceeded")
+                        return
+                    if verdict is MessageRate.WARN:
+                        await self._send_frame(
+                            protocol.error_frame(
+                                "message_rate_limited",
+                                f"more than {rate.rate:g} messages a second; messages are being dropped",
+                                retry_after=1.0,
+                            )
+                        )
+                    continue
+                raw = message.get("text")
+                if raw is None:
+                    await self._send_frame(
+                        protocol.error_frame(
+                            "invalid_message", "binary frames are not accepted; send JSON text"
+                        )
                     )
-                )
-            except _Closed:
-                return
+                    continue
+                try:
+                    await self._dispatch(protocol.parse_client_message(raw))
+                except RequestError as exc:
+                    await self._send_frame(
+                        protocol.error_frame(
+                            exc.code,
+                            exc.message,
+                            request_id=protocol.request_id_of(raw),
+                            retry_after=exc.retry_after,
+                        )
+                    )
+        except _Closed:
+            return
 
     async def _dispatch(self, message: protocol.ClientMessage) -> None:
         match message:
@@ -444,11 +496,32 @@ class Connection:
     async def _send(self, text: str) -> None:
         if self.state is State.CLOSED:
             raise _Closed
+        # A send only waits when the client stops reading and the socket's buffer is full; the
+        # instance's watchdog (`abort_if_stuck`) cuts such a client off after a deadline.
+        self.sending_since = time.monotonic()
         try:
             await self.ws.send({"type": "websocket.send", "text": text})
         except (WebSocketDisconnect, RuntimeError, OSError) as exc:
             self.state = State.CLOSED
             raise _Closed from exc
+        finally:
+            self.sending_since = 0.0
+
+    def abort_if_stuck(self, now: float, timeout: float) -> bool:
+        """Drop the connection of a client that has not read anything for `timeout` seconds.
+
+        Its streams detach and keep running for the grace period, so it can still resume. The
+        socket is aborted (not closed gracefully: a close frame would queue behind the unread data).
+        """
+        if not self.sending_since or now - self.sending_since < timeout:
+            return False
+        log.warning("client stopped reading; disconnecting", extra={"connection_id": self.id})
+        self.state = State.CLOSED
+        transport = getattr(getattr(self.ws, "_send", None), "__self__", None)
+        transport = getattr(transport, "transport", None)
+        if transport is not None:
+            transport.abort()
+        return True
 
     async def _send_frame(self, frame: dict[str, Any]) -> None:
         await self._send(protocol.encode(frame))
@@ -493,6 +566,16 @@ def _session_frame(session: Session, *, with_messages: bool) -> dict[str, Any]:
         frame["system"] = session.system
         frame["messages"] = [{"role": m.role, "content": m.content} for m in session.messages]
     return frame
+
+
+async def watch_slow_clients(services: Services) -> None:
+    """Once a second, disconnect clients whose sends have been blocked past the send timeout."""
+    timeout = services.settings.send_timeout_seconds
+    while True:
+        await asyncio.sleep(1.0)
+        now = time.monotonic()
+        for connection in list(services.connections):
+            connection.abort_if_stuck(now, timeout)
 
 
 async def stream_endpoint(websocket: WebSocket) -> None:

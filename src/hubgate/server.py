@@ -8,6 +8,7 @@ exits normally (status 0) once drained.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import threading
@@ -18,11 +19,46 @@ from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from hubgate.drain import drain
 from hubgate.settings import Settings
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def deadline_protocol(seconds: float) -> type[HttpToolsProtocol]:
+    """uvicorn's HTTP protocol with a deadline for the request headers.
+
+    uvicorn waits forever for the first request on a new connection, so a client that opens
+    sockets and never completes a handshake (or trickles its headers) would hold them for good.
+    """
+
+    class HeaderDeadlineProtocol(HttpToolsProtocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._deadline = self.loop.call_later(seconds, self._headers_too_slow)
+
+        def on_headers_complete(self) -> None:
+            self._cancel_deadline()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_deadline()
+            super().connection_lost(exc)
+
+        def _cancel_deadline(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _headers_too_slow(self) -> None:
+            self._deadline = None
+            self.transport.close()
+
+    return HeaderDeadlineProtocol
 
 
 def uvicorn_config(app: Any, settings: Settings, *, loop: str = "uvloop") -> uvicorn.Config:
@@ -33,6 +69,7 @@ def uvicorn_config(app: Any, settings: Settings, *, loop: str = "uvloop") -> uvi
         port=settings.port,
         loop=loop,
         lifespan="on",
+        http=deadline_protocol(settings.handshake_timeout_seconds),
         # The sans-I/O websockets implementation, named explicitly: `auto` would pick whatever
         # happens to be installed, and the legacy implementation is deprecated upstream.
         ws="websockets-sansio",

@@ -126,6 +126,9 @@ class Settings:
     ping_interval_seconds: float = 20.0
     ping_timeout_seconds: float = 20.0
     auth_expiry_warning_seconds: float = 60.0
+    handshake_timeout_seconds: float = 10.0  # to send complete HTTP request headers
+    send_timeout_seconds: float = 15.0  # a client that reads nothing for this long is disconnected
+    max_messages_per_second: float = 20.0  # per connection, with a burst of 5 seconds' worth
 
     # Rate limits
     redis_url: str | None = None  # None: in-memory limiter (one process)
@@ -217,6 +220,13 @@ class Settings:
             auth_timeout_seconds=_float(env, "AUTH_TIMEOUT_SECONDS", defaults.auth_timeout_seconds),
             ping_interval_seconds=_float(env, "PING_INTERVAL_SECONDS", defaults.ping_interval_seconds),
             ping_timeout_seconds=_float(env, "PING_TIMEOUT_SECONDS", defaults.ping_timeout_seconds),
+            handshake_timeout_seconds=_float(
+                env, "HANDSHAKE_TIMEOUT_SECONDS", defaults.handshake_timeout_seconds, 0.1
+            ),
+            send_timeout_seconds=_float(env, "SEND_TIMEOUT_SECONDS", defaults.send_timeout_seconds, 0.1),
+            max_messages_per_second=_float(
+                env, "MAX_MESSAGES_PER_SECOND", defaults.max_messages_per_second, 0.1
+            ),
             auth_expiry_warning_seconds=_float(
                 env, "AUTH_EXPIRY_WARNING_SECONDS", defaults.auth_expiry_warning_seconds
             ),
