@@ -28,7 +28,6 @@ from hubgate.errors import (
     DuplicateId,
     GatewayError,
     LimiterUnavailable,
-    ModelNotAllowed,
     RefreshRefused,
     RequestError,
     TenantRefused,
@@ -40,11 +39,12 @@ from hubgate.leases import LeaseKeeper
 from hubgate.metering import Metering
 from hubgate.metrics import Metrics
 from hubgate.ratelimit.base import Limiter
+from hubgate.registry.base import Registry
 from hubgate.resume import StreamKey
 from hubgate.sessions import Session, SessionStore
 from hubgate.settings import Settings
 from hubgate.streams import ActiveStream, OwnerGone, StreamRegistry, StreamRequest
-from hubgate.tenants import Tenant, TenantRegistry
+from hubgate.tenants import Tenant
 
 log = logging.getLogger("hubgate.gateway")
 
@@ -55,7 +55,7 @@ class Services:
 
     settings: Settings
     verifier: JwtVerifier
-    tenants: TenantRegistry
+    tenants: Registry
     limiter: Limiter
     leases: LeaseKeeper
     sessions: SessionStore
@@ -398,8 +398,7 @@ class Connection:
         self._check_capacity()
         _, tenant = self._who()
         model = chat.model or tenant.default_model
-        if not tenant.allows(model):
-            raise ModelNotAllowed(f"model {model[:200]!r} is not available to this tenant")
+        self.s.tenants.check_model(tenant, model)
         request = StreamRequest(
             key=key,
             tenant=tenant,
@@ -408,7 +407,7 @@ class Connection:
             chat=chat,
             max_tokens=chat.max_tokens or tenant.default_max_tokens,
             lease=f"{self._lease}:{chat.id}",
-            fallbacks=tuple(m for m in tenant.fallbacks if m != model and tenant.allows(m)),
+            fallbacks=self.s.tenants.fallbacks_for(tenant, model),
         )
         self.s.streams.start(request, self)
 
