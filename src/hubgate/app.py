@@ -16,6 +16,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from hubgate import protocol
 from hubgate.admin import usage
+from hubgate.admin_tenants import admin_tenant_routes
 from hubgate.auth import JwtVerifier
 from hubgate.errors import AuthError, TenantRefused
 from hubgate.gateway import Services, stream_endpoint, watch_slow_clients
@@ -27,6 +28,7 @@ from hubgate.providers.base import Provider, SingleProvider
 from hubgate.providers.bedrock import BedrockProvider
 from hubgate.ratelimit import build_limiter
 from hubgate.ratelimit.resilient import ResilientLimiter
+from hubgate.registry import Registry, build_registry
 from hubgate.resume import MemoryStreamBuffer, RedisStreamBuffer, StreamBuffer
 from hubgate.sessions import HistoryPolicy, MemorySessionStore, RedisSessionStore, SessionStore
 from hubgate.settings import Settings
@@ -89,20 +91,24 @@ def create_app(
     settings: Settings,
     *,
     provider: Provider | None = None,
-    tenants: TenantRegistry | None = None,
+    tenants: Registry | TenantRegistry | None = None,
     dev_tokens: Mapping[str, str] | None = None,
 ) -> Starlette:
     """Build the ASGI app. Clients (Bedrock, Redis, JWKS) are created in the lifespan, not here.
 
     ``provider`` and ``tenants`` may be passed in by an embedding program; by default the
-    Bedrock provider and the tenants file from the settings are used. ``dev_tokens``
+    Bedrock provider and the tenants file (or DynamoDB table) from the settings are used. ``dev_tokens``
     ({tenant: token}, from ``hubgate dev``) lets the playground page offer demo tenants.
     """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            registry = tenants or TenantRegistry.from_file(settings.tenants_file)
+            # The file, or the DynamoDB table (HUBGATE_TENANTS_TABLE): loaded before anything else,
+            # so an instance whose tenants cannot be read never starts.
+            registry = build_registry(settings, tenants)
+            await registry.start()
+            stack.push_async_callback(registry.aclose)
             verifier = JwtVerifier(settings)
             await verifier.start()
             stack.push_async_callback(verifier.aclose)
@@ -219,6 +225,7 @@ def create_app(
             Route("/v1/models", list_models),
             Route("/metrics", prometheus_metrics),
             Route("/admin/usage", usage),
+            *admin_tenant_routes(),
             WebSocketRoute("/v1/stream", stream_endpoint),
             *playground_routes(dev_tokens),
         ],
