@@ -1,4 +1,4 @@
-"""The `hubgate` command: serve, dev, emulator, token, chat."""
+"""The `hubgate` command: serve, dev, emulator, token, chat, tenants."""
 
 from __future__ import annotations
 
@@ -195,6 +195,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return asyncio.run(run_chat(args.url, token, model=args.model, max_tokens=args.max_tokens))
 
 
+def cmd_tenants(args: argparse.Namespace) -> int:
+    from hubgate.registry.tool import run
+
+    return run(args.action, args.file, _settings({"tenants_table": args.table}))
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -236,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", default=None)
     chat.add_argument("--max-tokens", type=int, default=None)
     chat.set_defaults(func=cmd_chat)
+
+    tenants = sub.add_parser("tenants", help="the DynamoDB tenants table: import, export, create-table")
+    tenants.add_argument("action", choices=["import", "export", "create-table"])
+    tenants.add_argument(
+        "file", nargs="?", help="import: the tenants file to load; export: output (default stdout)"
+    )
+    tenants.add_argument("--table", help="table name (default HUBGATE_TENANTS_TABLE)")
+    tenants.set_defaults(func=cmd_tenants)
     return parser
 
 
