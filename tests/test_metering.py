@@ -356,3 +356,25 @@ async def test_logs_are_json_and_never_hold_tokens_or_text(emulator: EmulatorSer
     assert any("_aws" in p and p["request_id"] == "logged" for p in parsed)
     for needle in (token, bad_token, token.split(".")[1], "zanzibar", "quokka", "platypus", "narwhal"):
         assert needle not in output
+
+
+async def test_redis_aggregates_count_a_request_once_even_when_written_twice(
+    redis_server: RedisServer,
+) -> None:
+    from redis.asyncio import Redis
+
+    from hubgate.metering import RedisUsageStore, day_of
+
+    client = Redis.from_url(redis_server.url)
+    store = RedisUsageStore(client)
+    tenant = f"agg-{time.time_ns()}"
+    free = record(tenant=tenant, request_id="free", cost_usd=0.0, error_code="upstream_throttled")
+    paid = record(tenant=tenant, request_id="paid")
+    for item in (free, paid, paid, free):  # a retried write must not count again
+        await store.add(item)
+    rows = await store.rows(tenant, [day_of(paid.timestamp)])
+    await client.aclose()
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row.requests, row.errors, row.input_tokens) == (2, 1, 200)
+    assert row.cost_usd == pytest.approx(paid.cost_usd)

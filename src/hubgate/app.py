@@ -24,8 +24,8 @@ from hubgate.leases import LeaseKeeper
 from hubgate.metering import MemoryUsageStore, Metering, RedisUsageStore, UsageStore, load_prices
 from hubgate.metrics import Metrics
 from hubgate.playground import playground_routes
-from hubgate.providers.base import Provider, SingleProvider
-from hubgate.providers.bedrock import BedrockProvider
+from hubgate.providers.base import Provider, ProviderResolver, SingleProvider
+from hubgate.providers.routes import RouteClients
 from hubgate.ratelimit import build_limiter
 from hubgate.ratelimit.resilient import ResilientLimiter
 from hubgate.registry import Registry, build_registry
@@ -153,18 +153,15 @@ def create_app(
                 )
                 store = MemoryUsageStore()
 
-            upstream = provider
-            if upstream is None:
-                bedrock = BedrockProvider(
-                    region=settings.aws_region,
-                    endpoint_url=settings.bedrock_endpoint_url,
-                    connect_timeout=settings.upstream_connect_timeout,
-                    read_timeout=settings.upstream_read_timeout,
-                    max_attempts=settings.upstream_max_attempts,
-                )
-                await bedrock.start()
-                stack.push_async_callback(bedrock.aclose)
-                upstream = bedrock
+            providers: ProviderResolver
+            if provider is not None:
+                providers = SingleProvider(provider)  # an embedder's provider, closed by the embedder
+            else:
+                # The hub's Bedrock client, plus one per tenant route (spoke account, region, endpoint).
+                routes = RouteClients.from_settings(settings)
+                await routes.start()
+                stack.push_async_callback(routes.aclose)
+                providers = routes
 
             metrics = Metrics()
             meter = Metering(
@@ -177,7 +174,7 @@ def create_app(
             meter.start()
             stack.push_async_callback(meter.aclose)
             streams = StreamRegistry(
-                providers=SingleProvider(upstream),
+                providers=providers,
                 retry=RetryPolicy(
                     attempts=settings.upstream_retry_attempts,
                     base=settings.upstream_retry_base_ms / 1000,
@@ -190,6 +187,7 @@ def create_app(
                 meter=meter,
                 metrics=metrics,
                 spans=build_recorder(settings.otel_enabled),
+                log_text_lengths=settings.log_text_lengths,
                 grace_seconds=settings.stream_grace_seconds,
                 flush_interval=settings.resume_flush_ms / 1000,
             )

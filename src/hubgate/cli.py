@@ -75,6 +75,7 @@ def cmd_token(args: argparse.Namespace) -> int:
             issuer=settings.jwt_issuer,
             audience=settings.jwt_audience,
             groups=groups,
+            groups_claim=settings.groups_claim,
         )
     )
     return 0

@@ -313,11 +313,35 @@ class MemoryUsageStore:
         return out
 
 
+# Adds one record to its day and month hashes, once: the request id is remembered for a day, so a
+# retried write (after a timeout whose outcome is unknown) never counts a request twice.
+_ADD_SCRIPT = """
+if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', 86400) then
+  return 0
+end
+local n = (#ARGV - 3) / 2
+for i = 1, n do
+  local field, value = ARGV[2 * i - 1], ARGV[2 * i]
+  if string.sub(field, -8) == 'cost_usd' then
+    redis.call('HINCRBYFLOAT', KEYS[1], field, value)
+  else
+    redis.call('HINCRBY', KEYS[1], field, value)
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[#ARGV])
+redis.call('HINCRBY', KEYS[2], 'tokens', ARGV[#ARGV - 2])
+redis.call('HINCRBYFLOAT', KEYS[2], 'cost_usd', ARGV[#ARGV - 1])
+redis.call('EXPIRE', KEYS[2], ARGV[#ARGV])
+return 1
+"""
+
+
 class RedisUsageStore:
     """``{t:<tenant>}:usage:<day>`` hashes of (model, user, counter), ``{t:<tenant>}:spend:<month>``."""
 
     def __init__(self, client: Redis) -> None:
         self._client = client
+        self._add = client.register_script(_ADD_SCRIPT)
 
     @staticmethod
     def _day_key(tenant: str, day: str) -> str:
@@ -328,19 +352,17 @@ class RedisUsageStore:
         return f"{{t:{tenant}}}:spend:{month}"
 
     async def add(self, record: UsageRecord) -> None:
-        day_key = self._day_key(record.tenant, day_of(record.timestamp))
-        month_key = self._month_key(record.tenant, month_of(record.timestamp))
-        async with self._client.pipeline(transaction=False) as pipe:
-            for name, value in record_increments(record).items():
-                if isinstance(value, float) and not value.is_integer():
-                    pipe.hincrbyfloat(day_key, name, value)
-                else:
-                    pipe.hincrby(day_key, name, int(value))
-            pipe.expire(day_key, AGGREGATE_TTL_SECONDS)
-            pipe.hincrby(month_key, "tokens", record.input_tokens + record.output_tokens)
-            pipe.hincrbyfloat(month_key, "cost_usd", record.cost_usd)
-            pipe.expire(month_key, AGGREGATE_TTL_SECONDS)
-            await pipe.execute()
+        tag = f"{{t:{record.tenant}}}"
+        keys = [
+            self._day_key(record.tenant, day_of(record.timestamp)),
+            self._month_key(record.tenant, month_of(record.timestamp)),
+            f"{tag}:metered:{record.request_id}:{record.connection_id}",
+        ]
+        args: list[str | int | float] = []
+        for name, value in record_increments(record).items():
+            args += [name, repr(float(value)) if name.endswith("cost_usd") else int(value)]
+        args += [record.input_tokens + record.output_tokens, repr(record.cost_usd), AGGREGATE_TTL_SECONDS]
+        await self._add(keys=keys, args=args)
 
     async def month_spend(self, tenant: str, month: str) -> Spend:
         tokens, cost = await self._client.hmget(self._month_key(tenant, month), ["tokens", "cost_usd"])

@@ -165,6 +165,11 @@ class Settings:
         mode = _str(env, "RATE_LIMIT_FAILURE_MODE", defaults.rate_limit_failure_mode)
         if mode not in ("closed", "local"):
             raise SettingsError(f"{PREFIX}RATE_LIMIT_FAILURE_MODE must be 'closed' or 'local', got {mode!r}")
+        log_level = (_str(env, "LOG_LEVEL", defaults.log_level) or defaults.log_level).lower()
+        if log_level not in ("critical", "error", "warning", "info", "debug"):
+            raise SettingsError(
+                f"{PREFIX}LOG_LEVEL must be one of critical, error, warning, info, debug, got {log_level!r}"
+            )
         log_format = _str(env, "LOG_FORMAT", defaults.log_format)
         if log_format not in ("json", "text"):
             raise SettingsError(f"{PREFIX}LOG_FORMAT must be 'json' or 'text', got {log_format!r}")
@@ -175,7 +180,7 @@ class Settings:
         return cls(
             host=_str(env, "HOST", defaults.host) or defaults.host,
             port=_int(env, "PORT", defaults.port, minimum=0),
-            log_level=(_str(env, "LOG_LEVEL", defaults.log_level) or defaults.log_level).lower(),
+            log_level=log_level,
             aws_region=_str(env, "AWS_REGION", defaults.aws_region) or defaults.aws_region,
             bedrock_endpoint_url=_str(env, "BEDROCK_ENDPOINT_URL", None),
             upstream_connect_timeout=_float(

@@ -170,6 +170,7 @@ class StreamRegistry:
         grace_seconds: float,
         spans: SpanRecorder | None = None,
         retry: RetryPolicy | None = None,
+        log_text_lengths: bool = False,
         flush_interval: float,
     ) -> None:
         self._providers = providers
@@ -181,6 +182,7 @@ class StreamRegistry:
         self._meter = meter
         self._metrics = metrics
         self._spans = spans
+        self._log_text_lengths = log_text_lengths
         self._grace = grace_seconds
         self._flush_interval = flush_interval
         self.active: dict[StreamKey, ActiveStream] = {}
@@ -447,6 +449,7 @@ class StreamRegistry:
                 reached_upstream=reached_upstream,
                 spend_before=spend_before,
                 model=served_model,
+                reply_chars=sum(len(d) for d in deltas),
             )
 
     async def _open_upstream(
@@ -516,6 +519,13 @@ class StreamRegistry:
                 admission = await call
                 await self._limiter.settle(admission, request.tenant.limits, used_tokens=0, now=time.time())
             raise
+
+    def _text_lengths(self, request: StreamRequest, reply_chars: int) -> dict[str, int]:
+        """Character counts of prompt and reply, only with HUBGATE_LOG_TEXT_LENGTHS (never the text)."""
+        if not self._log_text_lengths:
+            return {}
+        prompt_chars = sum(len(m.content) for m in request.chat.messages) + len(request.chat.system or "")
+        return {"prompt_chars": prompt_chars, "reply_chars": reply_chars}
 
     async def _check_budget(self, request: StreamRequest) -> Spend | None:
         """Refuse a tenant whose monthly budget is spent; the spend so far, or None without a budget."""
@@ -590,6 +600,7 @@ class StreamRegistry:
         reached_upstream: bool,
         spend_before: Spend | None,
         model: str,
+        reply_chars: int,
     ) -> None:
         """Flush the buffer, settle the reservation, meter once, unregister. Never raises."""
         request = stream.request
@@ -630,6 +641,20 @@ class StreamRegistry:
                         error_code=error_code,
                         timestamp=time.time(),
                     )
+                )
+                log.info(
+                    "request finished",
+                    extra={
+                        "request_id": key.request_id,
+                        "connection_id": request.connection_id,
+                        "tenant": key.tenant,
+                        "model": model,
+                        "outcome": priced.outcome,
+                        "input_tokens": priced.input_tokens,
+                        "output_tokens": priced.output_tokens,
+                        "duration_ms": round(duration_ms, 1),
+                        **self._text_lengths(request, reply_chars),
+                    },
                 )
                 if self._spans is not None:
                     end_ns = time.time_ns()

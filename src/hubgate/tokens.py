@@ -27,6 +27,7 @@ def mint_dev_token(
     groups: Sequence[str] = (),
     now: float | None = None,
     user_claim: str = "sub",
+    groups_claim: str = GROUPS_CLAIM,
 ) -> str:
     """An HS256 JWT for ``user`` of ``tenant`` valid from ``now`` for ``lifetime_seconds``.
 
@@ -51,5 +52,5 @@ def mint_dev_token(
     if audience is not None:
         claims["aud"] = audience
     if groups:
-        claims[GROUPS_CLAIM] = list(groups)
+        claims[groups_claim] = list(groups)
     return jwt.encode(claims, secret, algorithm=HS256)
