@@ -1,0 +1,480 @@
+"""Per-tenant routes: one long-lived Bedrock client per spoke account, region or endpoint.
+
+``RouteClients`` is the gateway's :class:`~hubgate.providers.base.ProviderResolver`. Tenants
+without a route share the hub's client (the hub's own credentials). A route gets its own
+``BedrockProvider``, created on its first request and kept until shutdown:
+
+- without ``role_arn`` it signs with the hub's credentials, against the route's region or
+  endpoint; tenants with the same region and endpoint share the client;
+- with ``role_arn`` the hub calls STS ``AssumeRole`` for the tenant (session name and tag carry
+  the tenant id, so it is one client per tenant and role) and signs with those credentials,
+  which are refreshed before they expire (see :class:`_AssumedRole`).
+
+STS and botocore types stay in this module; a failure to assume a role reaches the client as
+``UpstreamError("cannot assume the tenant's role")``, never with the ARN or STS's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hashlib
+import logging
+import re
+import time
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+import aioboto3
+import aiohttp
+from aiobotocore.credentials import AioCredentialResolver, AioRefreshableCredentials
+from aiobotocore.session import AioSession
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from hubgate.errors import UpstreamError
+from hubgate.providers.base import Provider, Route
+from hubgate.providers.bedrock import BedrockProvider
+from hubgate.settings import Settings
+
+log = logging.getLogger("hubgate.routes")
+
+ASSUME_ROLE_FAILED = "cannot assume the tenant's role"
+SESSION_NAME_PREFIX = "hubgate-"
+TENANT_TAG = "tenant_id"
+
+# AssumeRole limits (STS API reference, AssumeRole request parameters): RoleSessionName is 2-64
+# characters of [\w+=,.@-]; a session tag value is at most 256 characters of letters, digits,
+# white space and _.:/=+-@. DurationSeconds is at most 3600 when the hub itself runs on a role
+# (role chaining), which is the case on ECS.
+_SESSION_NAME_MAX = 64
+_SESSION_NAME_REFUSED = re.compile(r"[^A-Za-z0-9_+=,.@-]")
+_TAG_VALUE_MAX = 256
+_TAG_VALUE_PUNCTUATION = frozenset("_.:/=+-@")
+DEFAULT_ROLE_SECONDS = 3600
+
+# botocore's own windows for temporary credentials (botocore.credentials): from 15 minutes before
+# expiry one caller refreshes while the others keep signing with the current credentials; from 10
+# minutes before, every caller waits for the refresh.
+DEFAULT_ADVISORY_SECONDS = 15 * 60
+DEFAULT_MANDATORY_SECONDS = 10 * 60
+# After a failed AssumeRole, callers get the current credentials (or the error) without another
+# STS call for this long, so an STS outage costs one call per tenant per interval, not one per
+# request; the background refresher backs off from here up to the maximum.
+DEFAULT_RETRY_SECONDS = 5.0
+_RETRY_MAX_SECONDS = 300.0
+# Credentials this close to expiry are not handed out again after a failed refresh: a request
+# signed with them could arrive after they lapse.
+_MIN_VALID_SECONDS = 30.0
+
+# STS calls are small and sit in front of a user's first token: short timeouts, and botocore's
+# standard retries (throttling and transient errors, with backoff) for three attempts in all.
+_STS_CONFIG = Config(
+    connect_timeout=3.0,
+    read_timeout=5.0,
+    retries={"total_max_attempts": 3, "mode": "standard"},
+)
+
+
+# --- pure helpers ------------------------------------------------------------------------------
+
+
+def role_session_name(tenant_id: str) -> str:
+    """The RoleSessionName for a tenant: ``hubgate-<tenant id>``, within STS's charset and length.
+
+    Characters STS refuses become ``-``; when anything had to change (or the name was too long),
+    a short hash of the real tenant id is appended so two tenants never share a session name.
+    """
+    cleaned = _SESSION_NAME_REFUSED.sub("-", tenant_id)
+    name = SESSION_NAME_PREFIX + cleaned
+    if cleaned == tenant_id and len(name) <= _SESSION_NAME_MAX:
+        return name
+    digest = hashlib.sha256(tenant_id.encode("utf-8")).hexdigest()[:8]
+    return f"{name[: _SESSION_NAME_MAX - len(digest) - 1]}-{digest}"
+
+
+def tenant_tag_value(tenant_id: str) -> str:
+    """The tenant id as a session tag value: characters STS refuses become ``_``."""
+    allowed = (
+        ch if unicodedata.category(ch)[0] in "LNZ" or ch in _TAG_VALUE_PUNCTUATION else "_"
+        for ch in tenant_id
+    )
+    return "".join(allowed)[:_TAG_VALUE_MAX]
+
+
+def assume_role_arguments(
+    tenant_id: str, role_arn: str, external_id: str | None, duration_seconds: int
+) -> dict[str, Any]:
+    """The STS AssumeRole keyword arguments for a tenant (pure)."""
+    arguments: dict[str, Any] = {
+        "RoleArn": role_arn,
+        "RoleSessionName": role_session_name(tenant_id),
+        "DurationSeconds": duration_seconds,
+        "Tags": [{"Key": TENANT_TAG, "Value": tenant_tag_value(tenant_id)}],
+    }
+    if external_id is not None:
+        arguments["ExternalId"] = external_id
+    return arguments
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What one Bedrock client is for. ``tenant`` is set only when a role is assumed."""
+
+    region: str
+    endpoint_url: str | None
+    role_arn: str | None = None
+    external_id: str | None = None
+    tenant: str | None = None
+
+
+def route_target(
+    tenant_id: str, route: Route | None, *, hub_region: str, hub_endpoint_url: str | None
+) -> Target | None:
+    """The client a tenant's requests need, or None for the hub's own client (pure)."""
+    if route is None:
+        return None
+    region = route.region or hub_region
+    endpoint_url = route.endpoint_url or hub_endpoint_url
+    if route.role_arn is None:
+        if region == hub_region and endpoint_url == hub_endpoint_url:
+            return None
+        return Target(region=region, endpoint_url=endpoint_url)
+    return Target(
+        region=region,
+        endpoint_url=endpoint_url,
+        role_arn=route.role_arn,
+        external_id=route.external_id,
+        tenant=tenant_id,
+    )
+
+
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+# --- assumed-role credentials ------------------------------------------------------------------
+
+
+class _FixedCredentialProvider:
+    """A credential provider that hands botocore one credentials object (ours)."""
+
+    METHOD = "hubgate-assume-role"
+    CANONICAL_NAME = "hubgate-assume-role"
+
+    def __init__(self, credentials: Any) -> None:
+        self._credentials = credentials
+
+    async def load(self) -> Any:
+        return self._credentials
+
+
+class _AssumedRole:
+    """One tenant's credentials for one role, refreshed before they expire.
+
+    botocore signs every request with ``await credentials.get_frozen_credentials()``; on an
+    ``AioRefreshableCredentials`` that call refreshes inline once the advisory window has begun
+    (one caller refreshes under a lock, the others keep the current credentials) and makes every
+    caller wait once the mandatory window has begun. Two things are added here:
+
+    - a background task refreshes at the start of the advisory window, so the STS call is normally
+      made off every request's path (a request that happens to get there first waits for one STS
+      call, bounded by the STS timeouts, while the other streams go on);
+    - a failed refresh keeps handing out the current credentials while they remain valid (botocore
+      would otherwise raise during its mandatory window), and within the retry interval after a
+      failure no new STS call is made, so a refresh during an STS outage never holds streams up.
+    """
+
+    def __init__(
+        self,
+        sts: Any,
+        *,
+        tenant_id: str,
+        role_arn: str,
+        external_id: str | None,
+        duration_seconds: int,
+        advisory_seconds: float,
+        mandatory_seconds: float,
+        retry_seconds: float,
+    ) -> None:
+        self._sts = sts
+        self._tenant = tenant_id
+        self._arguments = assume_role_arguments(tenant_id, role_arn, external_id, duration_seconds)
+        self._advisory = advisory_seconds
+        self._mandatory = mandatory_seconds
+        self._retry = retry_seconds
+        self._metadata: dict[str, str] | None = None
+        self._expiry: datetime.datetime | None = None
+        self._failed_at: float | None = None  # monotonic time of the last failed AssumeRole
+        self._credentials: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> Any:
+        """Assume the role (UpstreamError if STS refuses); return botocore credentials for it."""
+        metadata = await self._assume()
+        self._credentials = AioRefreshableCredentials.create_from_metadata(
+            metadata,
+            refresh_using=self._refresh,
+            method="assume-role",
+            advisory_timeout=self._advisory,
+            mandatory_timeout=self._mandatory,
+        )
+        self._task = asyncio.create_task(self._keep_fresh(), name=f"hubgate-credentials-{self._tenant}")
+        return self._credentials
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _seconds_left(self) -> float:
+        if self._expiry is None:
+            return 0.0
+        return (self._expiry - _utcnow()).total_seconds()
+
+    async def _assume(self) -> dict[str, str]:
+        try:
+            response = await self._sts.assume_role(**self._arguments)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "unknown")
+            log.warning("AssumeRole refused for tenant %s (%s)", self._tenant, code)
+            raise UpstreamError(ASSUME_ROLE_FAILED, retryable=False) from exc
+        except (BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("AssumeRole failed for tenant %s (%s)", self._tenant, type(exc).__name__)
+            raise UpstreamError(ASSUME_ROLE_FAILED, retryable=False) from exc
+        credentials = response["Credentials"]
+        expiration: datetime.datetime = credentials["Expiration"]
+        metadata = {
+            "access_key": credentials["AccessKeyId"],
+            "secret_key": credentials["SecretAccessKey"],
+            "token": credentials["SessionToken"],
+            "expiry_time": expiration.isoformat(),
+        }
+        self._metadata, self._expiry = metadata, expiration
+        return metadata
+
+    async def _refresh(self) -> dict[str, str]:
+        """botocore's ``refresh_using``: new credentials, else the current ones while still valid."""
+        if self._failed_at is not None and time.monotonic() - self._failed_at < self._retry:
+            return self._current()
+        try:
+            metadata = await self._assume()
+        except UpstreamError:
+            self._failed_at = time.monotonic()
+            return self._current()
+        self._failed_at = None
+        return metadata
+
+    def _current(self) -> dict[str, str]:
+        if self._metadata is None or self._seconds_left() <= _MIN_VALID_SECONDS:
+            raise UpstreamError(ASSUME_ROLE_FAILED, retryable=False)
+        return self._metadata
+
+    async def _keep_fresh(self) -> None:
+        backoff = self._retry
+        while True:
+            wait = self._seconds_left() - self._advisory
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            expiry = self._expiry
+            try:
+                # Inside the advisory window this refreshes under botocore's lock; requests signing
+                # meanwhile see the lock taken and keep the current credentials.
+                await self._credentials.get_frozen_credentials()
+            except UpstreamError:
+                pass  # logged by _assume; requests get the error only once the credentials lapse
+            except Exception:
+                log.exception("refreshing the credentials of tenant %s failed", self._tenant)
+            if self._expiry == expiry:
+                # Nothing new: STS failed, or the retry interval is running. Back off.
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _RETRY_MAX_SECONDS)
+            else:
+                backoff = self._retry
+
+
+# --- the resolver ------------------------------------------------------------------------------
+
+
+class RouteClients:
+    """A :class:`ProviderResolver` with one long-lived Bedrock client per route (see module doc)."""
+
+    def __init__(
+        self,
+        *,
+        region: str,
+        bedrock_endpoint_url: str | None,
+        sts_endpoint_url: str | None,
+        connect_timeout: float,
+        read_timeout: float,
+        max_attempts: int,
+        role_duration_seconds: int = DEFAULT_ROLE_SECONDS,
+        advisory_refresh_seconds: float = DEFAULT_ADVISORY_SECONDS,
+        mandatory_refresh_seconds: float = DEFAULT_MANDATORY_SECONDS,
+        retry_seconds: float = DEFAULT_RETRY_SECONDS,
+    ) -> None:
+        """``role_duration_seconds``: AssumeRole DurationSeconds (900..3600 under role chaining).
+
+        ``advisory_refresh_seconds`` / ``mandatory_refresh_seconds``: how long before expiry
+        assumed-role credentials are refreshed in the background / by every request (botocore's
+        windows). ``retry_seconds``: after a failed AssumeRole, how long the result stands before
+        STS is asked again.
+        """
+        if not 0 < mandatory_refresh_seconds < advisory_refresh_seconds < role_duration_seconds:
+            raise ValueError(
+                "need 0 < mandatory_refresh_seconds < advisory_refresh_seconds < role_duration_seconds"
+            )
+        self._region = region
+        self._endpoint_url = bedrock_endpoint_url
+        self._sts_endpoint_url = sts_endpoint_url
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._max_attempts = max_attempts
+        self._duration = role_duration_seconds
+        self._advisory = advisory_refresh_seconds
+        self._mandatory = mandatory_refresh_seconds
+        self._retry = retry_seconds
+        self._stack = contextlib.AsyncExitStack()
+        self._session: aioboto3.Session | None = None
+        self._sts: Any = None
+        self._hub: BedrockProvider | None = None
+        self._providers: dict[Target, BedrockProvider] = {}
+        self._locks: dict[Target, asyncio.Lock] = {}
+        self._failures: dict[Target, float] = {}  # monotonic time of a failed creation
+        self._closed = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **options: Any) -> RouteClients:
+        """Built from the hub's settings; ``options`` are the tuning keywords of ``__init__``."""
+        return cls(
+            region=settings.aws_region,
+            bedrock_endpoint_url=settings.bedrock_endpoint_url,
+            sts_endpoint_url=settings.sts_endpoint_url,
+            connect_timeout=settings.upstream_connect_timeout,
+            read_timeout=settings.upstream_read_timeout,
+            max_attempts=settings.upstream_max_attempts,
+            **options,
+        )
+
+    @property
+    def clients(self) -> int:
+        """Bedrock clients open now, the hub's included."""
+        return len(self._providers) + (self._hub is not None)
+
+    async def start(self) -> None:
+        """Create the hub's Bedrock client and the STS client (hub credentials, default chain)."""
+        self._session = aioboto3.Session()
+        self._hub = await self._new_provider(self._region, self._endpoint_url, self._session)
+        self._sts = await self._stack.enter_async_context(
+            self._session.client(
+                "sts", region_name=self._region, endpoint_url=self._sts_endpoint_url, config=_STS_CONFIG
+            )
+        )
+
+    async def provider_for(self, tenant_id: str, route: Route | None) -> Provider:
+        if self._closed or self._hub is None:
+            raise UpstreamError("the gateway is not serving requests", retryable=False)
+        target = route_target(tenant_id, route, hub_region=self._region, hub_endpoint_url=self._endpoint_url)
+        if target is None:
+            return self._hub
+        provider = self._providers.get(target)
+        if provider is not None:
+            return provider
+        # One lock per target: a slow AssumeRole for one tenant holds up only that tenant's first
+        # requests, and concurrent first requests wait for the one client rather than each making one.
+        lock = self._locks.setdefault(target, asyncio.Lock())
+        async with lock:
+            provider = self._providers.get(target)
+            if provider is not None:
+                return provider
+            failed_at = self._failures.get(target)
+            if failed_at is not None and time.monotonic() - failed_at < self._retry:
+                raise UpstreamError(ASSUME_ROLE_FAILED, retryable=False)
+            try:
+                provider = await self._create(target)
+            except UpstreamError:
+                self._failures[target] = time.monotonic()
+                raise
+            self._failures.pop(target, None)
+            if self._closed:
+                await provider.aclose()
+                raise UpstreamError("the gateway is not serving requests", retryable=False)
+            self._providers[target] = provider
+            log.info(
+                "route client created",
+                extra={
+                    "tenant": tenant_id,
+                    "region": target.region,
+                    "assumed_role": target.role_arn is not None,
+                },
+            )
+            return provider
+
+    async def aclose(self) -> None:
+        """Close every client: the routes', the hub's and STS."""
+        self._closed = True
+        providers, self._providers = list(self._providers.values()), {}
+        for provider in providers:
+            await provider.aclose()
+        if self._hub is not None:
+            await self._hub.aclose()
+            self._hub = None
+        await self._stack.aclose()
+        self._sts = None
+
+    async def _create(self, target: Target) -> BedrockProvider:
+        assert self._session is not None
+        if target.role_arn is None or target.tenant is None:
+            return await self._new_provider(target.region, target.endpoint_url, self._session)
+        role = _AssumedRole(
+            self._sts,
+            tenant_id=target.tenant,
+            role_arn=target.role_arn,
+            external_id=target.external_id,
+            duration_seconds=self._duration,
+            advisory_seconds=self._advisory,
+            mandatory_seconds=self._mandatory,
+            retry_seconds=self._retry,
+        )
+        credentials = await role.start()
+        try:
+            # A botocore session whose credential chain is exactly these refreshable credentials
+            # (the resolver is botocore's extension point for where credentials come from).
+            botocore_session = AioSession()
+            resolver = AioCredentialResolver([_FixedCredentialProvider(credentials)])
+            botocore_session.register_component("credential_provider", resolver)
+            session = aioboto3.Session(botocore_session=botocore_session)
+            provider = await self._new_provider(target.region, target.endpoint_url, session)
+        except BaseException:
+            await role.aclose()
+            raise
+        if self._closed:  # shut down while STS answered: nothing may outlive aclose()
+            await provider.aclose()
+            await role.aclose()
+            raise UpstreamError("the gateway is not serving requests", retryable=False)
+        # The refresher lives as long as the client.
+        self._stack.push_async_callback(role.aclose)
+        return provider
+
+    async def _new_provider(
+        self, region: str, endpoint_url: str | None, session: aioboto3.Session
+    ) -> BedrockProvider:
+        provider = BedrockProvider(
+            region=region,
+            endpoint_url=endpoint_url,
+            connect_timeout=self._connect_timeout,
+            read_timeout=self._read_timeout,
+            max_attempts=self._max_attempts,
+            session=session,
+        )
+        try:
+            await provider.start()
+        except BaseException:
+            await provider.aclose()
+            raise
+        return provider
