@@ -109,8 +109,10 @@
     return node;
   }
 
-  function setNotice(text) {
+  // kind: "problem" (red) or "warning" (amber).
+  function setNotice(text, kind) {
     el.notice.textContent = text || "";
+    el.notice.dataset.kind = kind || "problem";
     show(el.notice, Boolean(text));
   }
 
@@ -342,10 +344,14 @@
       case "draining":
         setPhase("draining");
         break;
+      case "budget":
+        setNotice(budgetNotice(frame), "warning");
+        break;
       case "auth.expiring":
         setNotice(
           "Your token expires at " + new Date(frame.expires_at * 1000).toLocaleTimeString() +
             ". Sign out and sign in with a fresh token to keep going.",
+          "warning",
         );
         break;
       default:
@@ -641,7 +647,9 @@
               retry,
             };
       case "budget_exhausted":
-        return { text: "Your tenant's spending budget is used up. Ask an administrator to raise it." };
+        return {
+          text: "Your tenant's monthly budget is spent. Requests are accepted again when the next month begins (the 1st, 00:00 UTC) or when the budget is raised.",
+        };
       case "model_not_allowed":
         return { text: "This model is not available to your tenant. Choose another one in Settings." };
       case "upstream_throttled":
@@ -667,6 +675,23 @@
       default:
         return { text: "The gateway answered " + String(frame.code) + (server ? ": " + server : ".") };
     }
+  }
+
+  // The tenant crossed 80% or 95% of its monthly budget (docs/protocol.md, `budget`).
+  function budgetNotice(frame) {
+    const spent = [];
+    if (typeof frame.monthly_budget_usd === "number" && typeof frame.spent_usd === "number") {
+      spent.push("$" + frame.spent_usd.toFixed(2) + " of $" + frame.monthly_budget_usd.toFixed(2));
+    }
+    if (typeof frame.monthly_budget_tokens === "number" && typeof frame.spent_tokens === "number") {
+      spent.push(frame.spent_tokens + " of " + frame.monthly_budget_tokens + " tokens");
+    }
+    const share = typeof frame.used === "number" ? Math.floor(frame.used * 100 + 1e-9) + "%" : "most";
+    return (
+      "Your tenant has used " + share + " of its monthly budget" +
+      (spent.length ? " (" + spent.join(", ") + ")" : "") +
+      ". New requests are refused once it is spent."
+    );
   }
 
   // Live "you can send again in N s" counters, one timer for all of them.
@@ -774,7 +799,8 @@
 
   function newChat() {
     if (state.current !== null || state.phase !== "open") return;
-    if (state.sessionId !== null) send({ type: "session.delete", session: state.sessionId });
+    // With an id, so that a session_not_found (it had expired already) is not shown as a problem.
+    if (state.sessionId !== null) send({ type: "session.delete", id: newId("d"), session: state.sessionId });
     forgetSession();
     el.transcript.replaceChildren();
     delete el.transcript.dataset.expired;
