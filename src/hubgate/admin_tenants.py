@@ -71,14 +71,24 @@ def _writable(registry: Registry) -> None:
         raise _Refused(error(409, "read_only", ReadOnlyRegistry().message))
 
 
-async def _body(request: Request, code: str) -> Any:
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise _Refused(_invalid(code, f"the body is larger than {MAX_BODY_BYTES} bytes", None))
+async def _body(request: Request, code: str, item_id: str) -> Any:
+    """The decoded entry. An ``id`` (as in GET responses) may be sent back if it is the path's."""
+    too_big = _invalid(code, f"the body is larger than {MAX_BODY_BYTES} bytes", None)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _Refused(too_big)
+    raw = bytearray()
+    async for chunk in request.stream():  # stop reading early when no length was declared
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise _Refused(too_big)
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except ValueError as exc:
         raise _Refused(_invalid(code, "the body must be a JSON object", None)) from exc
+    if isinstance(body, dict) and "id" in body and body.pop("id") != item_id:
+        raise _Refused(_invalid(code, "the body's id differs from the id in the path", "id"))
+    return body
 
 
 def _path_id(request: Request, kind: str) -> str:
@@ -155,7 +165,7 @@ async def put_tenant(request: Request) -> Response:
     tenant_id = request.path_params["id"]
     if not valid_tenant_id(tenant_id):
         return _invalid("invalid_tenant", "a tenant id is 1 to 128 printable characters", "id")
-    body = await _body(request, "invalid_tenant")
+    body = await _body(request, "invalid_tenant", tenant_id)
     created = registry.get(tenant_id) is None
     try:
         tenant = parse_tenant(tenant_id, body)
@@ -205,7 +215,7 @@ async def put_model(request: Request) -> Response:
     registry = services.tenants
     _writable(registry)
     model_id = request.path_params["id"]
-    body = await _body(request, "invalid_model")
+    body = await _body(request, "invalid_model", model_id)
     created = registry.model(model_id) is None
     try:
         model = parse_model(model_id, body)
