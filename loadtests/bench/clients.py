@@ -266,7 +266,9 @@ class HubgateClient:
                     result.ok = True
                     break
                 elif kind == "error" and frame.get("id") == request_id:
-                    result.code = frame.get("code", "error")
+                    # Without seq the refusal is the connection's own cap, not the tenant's.
+                    suffix = "" if "seq" in frame else "(connection)"
+                    result.code = f"{frame.get('code', 'error')}{suffix}"
                     break
         except ConnectionClosed as exc:
             result.code = f"closed_{exc.rcvd.code if exc.rcvd else 1006}"

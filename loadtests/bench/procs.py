@@ -91,6 +91,19 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def core_busy_seconds(core: int | None) -> float:
+    """Busy time of one core (all processes, ours and everyone else's), from /proc/stat."""
+    if core is None:
+        return 0.0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith(f"cpu{core} "):
+                values = [int(v) for v in line.split()[1:]]
+                # user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait
+                return (sum(values[:8]) - values[3] - values[4]) / CLOCK_TICKS
+    return 0.0
+
+
 def cpu_seconds(pid: int, *, tree: bool = False) -> float:
     """utime + stime of ``pid`` (all its threads), optionally summed over its descendants."""
     total = 0

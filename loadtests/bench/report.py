@@ -171,7 +171,7 @@ def evaluate(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         floor = paced["direct"]["client_cpu_ms_per_1k_tokens"]
         out["cpu"] = {
             "measured": f"{num(hub, 1)} ms ({num(ratio(hub, lite))}x LiteLLM, "
-            "{num(ratio(hub, floor))}x floor)",
+            f"{num(ratio(hub, floor))}x floor)",
             "litellm": f"{num(lite, 1)} ms",
             "floor": f"{num(floor, 1)} ms (aioboto3 consumer)",
             "ok": None if lite is None or hub is None else hub <= 0.12 * lite,
@@ -356,8 +356,38 @@ def write_charts(results: dict[str, Any], folder: Path) -> list[Path]:
     return written
 
 
+def _runs_with(results: Any, key: str) -> list[float]:
+    """Every value of ``key`` in the run summaries nested anywhere in ``results``."""
+    found: list[float] = []
+    if isinstance(results, dict):
+        if isinstance(results.get(key), int | float):
+            found.append(float(results[key]))
+        for value in results.values():
+            found += _runs_with(value, key)
+    elif isinstance(results, list):
+        for value in results:
+            found += _runs_with(value, key)
+    return found
+
+
+def _interference(results: dict[str, Any]) -> list[str]:
+    shares = sorted(_runs_with(results.get("phases", {}), "others_on_gateway_core"))
+    if not shares:
+        return []
+    mid = shares[len(shares) // 2]
+    return [
+        f"Shared machine: other processes (not part of this benchmark) used {shares[0]:.0%} to "
+        f"{shares[-1]:.0%} (median {mid:.0%}) of the gateway's pinned core during the measured runs, "
+        "read from /proc/stat. CPU-time figures (CPU per token, per request) are the gateway's own "
+        "and hold; latency and saturation figures are pessimistic by that much contention."
+    ]
+
+
 def _dirty(results: dict[str, Any]) -> str:
-    changed = results.get("revision", {}).get("uncommitted_src") or []
+    revision = results.get("revision", {})
+    if revision.get("measured") == "head":
+        return " (an export of the commit's src/; uncommitted edits were not measured)"
+    changed = revision.get("uncommitted_src") or []
     return f" plus uncommitted changes to {', '.join(changed)}" if changed else ""
 
 
@@ -420,7 +450,7 @@ def markdown(results: dict[str, Any], charts: list[Path], *, base: Path, repo: P
     ]
     if lite.get("status") not in ("running", None):
         out += [f"**LiteLLM was not measured**: {lite.get('status')}. {lite.get('reason', '')[:600]}", ""]
-    for note in results.get("notes", []):
+    for note in results.get("notes", []) + _interference(results):
         out += [f"- {note}"]
     out += [
         "",
@@ -530,8 +560,9 @@ def markdown(results: dict[str, Any], charts: list[Path], *, base: Path, repo: P
             "the load side itself is the bottleneck and every system's latency rises with it.",
             "",
             "| Streams | direct gap p99 | hubgate gap p50 / p99 | hubgate TTFT p99 | hubgate CPU | holds "
-            "| litellm gap p99 | litellm CPU | litellm holds | load core (hubgate run) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| litellm gap p99 | litellm CPU | litellm holds | load core (hubgate run) "
+            "| others on gateway core (hubgate run) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for row in sat["levels"]:
             d, h, lt = row["direct"], row.get("hubgate"), row.get("litellm")
@@ -543,7 +574,8 @@ def markdown(results: dict[str, Any], charts: list[Path], *, base: Path, repo: P
                 f"| {num(lt['gap_p99_ms']) if lt else '—'} | {num(lt['cpu_util']) if lt else '—'} "
                 "| "
                 f"{num(lt['holds']) if lt else '—'}{' ' + str(lt['errors']) if lt and lt['errors'] else ''} "
-                f"| {num(h['load_core_util']) if h else '—'} |"
+                f"| {num(h['load_core_util']) if h else '—'} "
+                f"| {num(h.get('others_on_gateway_core')) if h else '—'} |"
             )
         out += [
             "",

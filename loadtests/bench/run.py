@@ -20,12 +20,14 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import io
 import json
 import math
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections import Counter
@@ -147,6 +149,18 @@ def revision() -> dict[str, Any]:
     return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_src": changed}
 
 
+def snapshot_src(workdir: Path) -> Path:
+    """HEAD's src/ exported into ``workdir``."""
+    target = workdir / "snapshot"
+    target.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "archive", "HEAD", "src"], cwd=REPO, capture_output=True, check=True, timeout=60
+    )
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(target, filter="data")
+    return target / "src"
+
+
 def own_cpu() -> float:
     return time.process_time()
 
@@ -163,6 +177,7 @@ class Bench:
         self.pinned = len(cpus) >= 2
         self.load_cpus = str(cpus[0]) if self.pinned else None
         self.gateway_cpus = str(cpus[1]) if self.pinned else None
+        self.gateway_core = cpus[1] if self.pinned else None
         self.emulator: procs.Child | None = None
         self.redis: procs.Child | None = None
         self.gateway: procs.Child | None = None
@@ -180,7 +195,7 @@ class Bench:
             "loadavg_start": procs.loadavg(),
             "plan": asdict(plan),
             "command": " ".join([".venv/bin/python", "loadtests/bench/run.py", *sys.argv[1:]]),
-            "revision": revision(),
+            "revision": {**revision(), "measured": args.code},
             "phases": {},
             "litellm": {"status": "skipped (--skip-litellm)" if args.skip_litellm else "not started"},
             "notes": [],
@@ -189,6 +204,10 @@ class Bench:
     # ------------------------------------------------------------------ stack
 
     def start(self) -> None:
+        if self.args.code == "head":
+            # Measure the committed code, not edits in progress in the working tree: the servers
+            # import hubgate from an export of HEAD's src/ (PYTHONPATH precedes the editable path).
+            os.environ["PYTHONPATH"] = str(snapshot_src(self.workdir))
         if self.pinned:
             os.sched_setaffinity(0, {int(self.load_cpus or 0)})
         self.results["fd_limit"] = procs.raise_fd_limit()
@@ -299,6 +318,7 @@ class Bench:
         load_side = [c for c in (self.emulator, self.redis) if c is not None]
 
         async def started() -> None:
+            marks["core0"] = procs.core_busy_seconds(self.gateway_core)
             marks["cpu0"] = target.cpu() if target else 0.0
             marks["own0"] = own_cpu()
             marks["load0"] = sum(c.cpu() for c in load_side)
@@ -306,6 +326,7 @@ class Bench:
 
         async def finished() -> None:
             marks["cpu1"] = target.cpu() if target else 0.0
+            marks["core1"] = procs.core_busy_seconds(self.gateway_core)
             marks["own1"] = own_cpu()
             marks["load1"] = sum(c.cpu() for c in load_side)
             marks["wall1"] = time.perf_counter()
@@ -352,6 +373,12 @@ class Bench:
             cpu_util=round(gateway_cpu / wall, 3) if wall else None,
             cpu_ms_per_1k_tokens=(gateway_cpu * 1e6 / tokens) if system != "direct" else None,
             client_cpu_ms_per_1k_tokens=own * 1e6 / tokens,
+            # What other processes (not ours) took from the gateway's core: a shared machine's noise.
+            others_on_gateway_core=round(
+                max(0.0, marks.get("core1", 0) - marks.get("core0", 0) - gateway_cpu) / wall, 3
+            )
+            if wall and self.gateway_core is not None
+            else None,
             load_core_util=round((own + marks.get("load1", 0) - marks.get("load0", 0)) / wall, 3)
             if wall
             else None,
@@ -513,7 +540,13 @@ class Bench:
         self.log(f"shed hubgate x{2 * cap} (cap {cap})", summary)
         self.start_gateway()
         errors = Counter(summary["errors"])
-        explicit = {"too_many_streams", "rate_limited", "token_rate_limited", "http_429:too_many_connections"}
+        explicit = {
+            "too_many_streams",
+            "too_many_streams(connection)",
+            "rate_limited",
+            "token_rate_limited",
+            "http_429:too_many_connections",
+        }
         refused = sum(n for code, n in errors.items() if code in explicit)
         other = sum(n for code, n in errors.items() if code not in explicit)
         return {
@@ -922,6 +955,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--charts", type=Path, default=None, help="chart folder (--full: loadtests/bench/charts)"
     )
     parser.add_argument("--ttft-seconds", type=float, default=None, help="override the TTFT run length")
+    parser.add_argument(
+        "--code",
+        choices=("head", "worktree"),
+        default="head",
+        help="serve an export of HEAD's src/ (default) or the working tree as it is",
+    )
     parser.set_defaults(mode="smoke")
     args = parser.parse_args(argv)
     phases = [p.strip() for p in args.only.split(",") if p.strip()]
