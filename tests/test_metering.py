@@ -378,3 +378,32 @@ async def test_redis_aggregates_count_a_request_once_even_when_written_twice(
     row = rows[0]
     assert (row.requests, row.errors, row.input_tokens) == (2, 1, 200)
     assert row.cost_usd == pytest.approx(paid.cost_usd)
+
+
+async def test_catalogue_prices_override_the_price_table(
+    emulator: EmulatorServer, mint: Mint, tmp_path: Path
+) -> None:
+    path = tmp_path / "tenants.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "models": {
+                    HAIKU: {
+                        "name": "Haiku",
+                        "provider": "anthropic",
+                        "input_per_1k": 1.0,
+                        "output_per_1k": 2.0,
+                    }
+                },
+                "tenants": {"priced": {"models": [HAIKU]}},
+            }
+        )
+    )
+    settings = gateway_settings(emulator.url, tenants_file=str(path))
+    async with running_gateway(settings) as server:
+        client = await Client.open(ws_url(settings), mint("priced"))
+        frames = await client.chat("p", "[[emulator:tokens=10]]")
+        await client.close()
+        priced = next(r for r in services_of(server).meter.recent if r.request_id == "p")
+    usage = frames[-1]["usage"]
+    assert priced.cost_usd == pytest.approx(usage["input_tokens"] / 1000 * 1.0 + 10 / 1000 * 2.0)

@@ -170,6 +170,7 @@ def create_app(
                 metrics=metrics,
                 namespace=settings.metrics_namespace,
                 emf=settings.emf_enabled,
+                catalogue=lambda model: info.price if (info := registry.model(model)) is not None else None,
             )
             meter.start()
             stack.push_async_callback(meter.aclose)

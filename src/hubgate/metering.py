@@ -15,7 +15,7 @@ import io
 import json
 import logging
 from collections import defaultdict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -433,8 +433,10 @@ class Metering:
         namespace: str,
         emf: bool,
         recent: int = 10_000,
+        catalogue: Callable[[str], Price | None] | None = None,
     ) -> None:
         self._prices = prices
+        self._catalogue = catalogue
         self.store = store
         self._metrics = metrics
         self._namespace = namespace
@@ -460,7 +462,10 @@ class Metering:
         self._task = None
 
     def price(self, model: str) -> Price | None:
-        price = price_for(self._prices, model)
+        """The model catalogue's price when it has one, else the price table's."""
+        price = self._catalogue(model) if self._catalogue is not None else None
+        if price is None:
+            price = price_for(self._prices, model)
         if price is None and model not in self._unpriced:
             self._unpriced.add(model)
             log.warning("no price for model %s; it is metered at 0 USD", model, extra={"model": model})
