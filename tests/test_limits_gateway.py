@@ -212,8 +212,9 @@ async def test_three_gateways_share_one_budget_exactly(
     for gateway in fleet:
         gateway.start()
     try:
-        clients = [await Client.open(fleet[i % 3].url, mint(tenant, f"user{i}")) for i in range(24)]
+        clients = [await Client.open(fleet[i % 3].url, mint(tenant, f"user{i}")) for i in range(36)]
         admitted: list[float] = []
+        sent: list[float] = []
         refused = 0
         duration = 6.0
         start = time.time()
@@ -224,6 +225,7 @@ async def test_three_gateways_share_one_budget_exactly(
             i = 0
             while time.time() < deadline:
                 i += 1
+                sent.append(time.time())
                 frames = await client.chat(f"{n}-{i}", QUICK)
                 if frames[-1]["type"] == "end":
                     admitted.append(time.time())
@@ -236,8 +238,9 @@ async def test_three_gateways_share_one_budget_exactly(
         ceiling = burst + rate_per_minute / 60 * elapsed
         assert refused > 0
         assert len(admitted) <= ceiling, (len(admitted), ceiling)
-        # Decisions stop at the deadline: what the bucket could admit until then, 98% of it at least.
-        floor = 0.98 * (burst + rate_per_minute / 60 * duration)
+        # What the bucket could admit between the first and the last request sent, 98% of it at least
+        # (the last request may be sent a little before the deadline on a busy machine).
+        floor = 0.98 * (burst + rate_per_minute / 60 * (max(sent) - min(sent)))
         assert len(admitted) >= floor, (len(admitted), floor)
         for client in clients:
             await client.close()
