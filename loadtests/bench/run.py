@@ -311,13 +311,19 @@ class Bench:
         tenant: str = "bench",
         retry_refused_after: float | None = None,
         stagger: float | None = None,
+        on_started: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
-        """One closed-loop run against ``system``; latency figures plus CPU of every process."""
+        """One closed-loop run against ``system``; latency figures plus CPU of every process.
+
+        ``on_started`` runs once every connection is open, right before the streams start.
+        """
         target = {"hubgate": self.gateway, "litellm": self.litellm}.get(system)
         marks: dict[str, float] = {}
         load_side = [c for c in (self.emulator, self.redis) if c is not None]
 
         async def started() -> None:
+            if on_started is not None:
+                on_started()
             marks["core0"] = procs.core_busy_seconds(self.gateway_core)
             marks["cpu0"] = target.cpu() if target else 0.0
             marks["own0"] = own_cpu()
@@ -797,11 +803,20 @@ class Bench:
                 "--output",
                 str(raw),
             ]
-            recorder = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # noqa: ASYNC220
-            await asyncio.sleep(0.5)
+            recorders: list[subprocess.Popen[bytes]] = []
+
+            def record(argv: list[str] = argv, recorders: list[subprocess.Popen[bytes]] = recorders) -> None:
+                # Sample the streams only, not the connection handshakes before them.
+                recorders.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+
             summary = await self.measure(
-                "hubgate", concurrency=concurrency, seconds=plan.profile_seconds + 1, workload=workload
+                "hubgate",
+                concurrency=concurrency,
+                seconds=plan.profile_seconds + 1,
+                workload=workload,
+                on_started=record,
             )
+            recorder = recorders[0]
             self.log(f"profile {name} hubgate x{concurrency}", summary)
             try:
                 output, _ = await asyncio.to_thread(recorder.communicate, timeout=120)
@@ -961,6 +976,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="head",
         help="serve an export of HEAD's src/ (default) or the working tree as it is",
     )
+    parser.add_argument(
+        "--from-results",
+        type=Path,
+        default=None,
+        help="measure nothing: write the report and charts again from a results JSON",
+    )
     parser.set_defaults(mode="smoke")
     args = parser.parse_args(argv)
     phases = [p.strip() for p in args.only.split(",") if p.strip()]
@@ -977,6 +998,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_results is not None:
+        results = json.loads(args.from_results.read_text())
+        charts = report.write_charts(results, args.charts)
+        report.write_markdown(results, args.report, charts, repo=REPO)
+        print(report.table(results))
+        print(f"report: {args.report}")
+        return 0
     plan = FULL if args.mode == "full" else SMOKE
     if args.ttft_seconds is not None:
         plan = replace(plan, ttft_seconds=args.ttft_seconds)
