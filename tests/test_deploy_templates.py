@@ -403,3 +403,11 @@ def test_the_outputs_a_client_and_a_spoke_need(hub: dict[str, Any], spoke: dict[
     assert outputs["JwksUrl"]["Value"] == env["HUBGATE_JWT_JWKS_URL"]
     assert env["HUBGATE_JWT_JWKS_URL"]["Fn::Sub"].startswith("https://cognito-idp.")
     assert {"RoleArn", "GuardrailId", "GuardrailVersion"} <= set(spoke["Outputs"])
+
+
+def test_tenants_table_key_is_the_one_the_registry_uses(hub: dict[str, Any]) -> None:
+    from hubgate.registry.dynamodb import KEY
+
+    table = hub["Resources"]["TenantsTable"]["Properties"]
+    assert table["KeySchema"] == [{"AttributeName": KEY, "KeyType": "HASH"}]
+    assert table["AttributeDefinitions"] == [{"AttributeName": KEY, "AttributeType": "S"}]
