@@ -407,3 +407,30 @@ async def test_catalogue_prices_override_the_price_table(
         priced = next(r for r in services_of(server).meter.recent if r.request_id == "p")
     usage = frames[-1]["usage"]
     assert priced.cost_usd == pytest.approx(usage["input_tokens"] / 1000 * 1.0 + 10 / 1000 * 2.0)
+
+
+async def test_retired_models_are_not_offered(emulator: EmulatorServer, mint: Mint, tmp_path: Path) -> None:
+    nova = "amazon.nova-lite-v1:0"
+    path = tmp_path / "tenants.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "models": {
+                    HAIKU: {"name": "Haiku", "provider": "anthropic", "enabled": False},
+                    nova: {"name": "Nova Lite", "provider": "amazon"},
+                },
+                "tenants": {"t": {"models": [HAIKU, nova], "default_model": nova}},
+            }
+        )
+    )
+    settings = gateway_settings(emulator.url, tenants_file=str(path))
+    async with running_gateway(settings), httpx.AsyncClient() as http:
+        client = await Client.open(ws_url(settings), mint("t"))
+        assert client.ready["models"] == [nova]
+        refused = await client.chat("r", "hi", model=HAIKU)
+        assert refused[-1]["code"] == "model_not_allowed" and "retired" in refused[-1]["message"]
+        await client.close()
+        listed = await http.get(
+            f"http://127.0.0.1:{settings.port}/v1/models", headers={"Authorization": f"Bearer {mint('t')}"}
+        )
+        assert listed.json()["models"] == [{"id": nova}]

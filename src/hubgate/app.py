@@ -19,7 +19,7 @@ from hubgate.admin import usage
 from hubgate.admin_tenants import admin_tenant_routes
 from hubgate.auth import JwtVerifier
 from hubgate.errors import AuthError, TenantRefused
-from hubgate.gateway import Services, stream_endpoint, watch_slow_clients
+from hubgate.gateway import Services, stream_endpoint, usable_models, watch_slow_clients
 from hubgate.leases import LeaseKeeper
 from hubgate.metering import MemoryUsageStore, Metering, RedisUsageStore, UsageStore, load_prices
 from hubgate.metrics import Metrics
@@ -72,7 +72,7 @@ async def list_models(request: Request) -> Response:
         {
             "tenant": tenant.id,
             "default_model": tenant.default_model,
-            "models": [{"id": model} for model in tenant.models],
+            "models": [{"id": model} for model in usable_models(services.tenants, tenant)],
         }
     )
 

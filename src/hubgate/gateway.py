@@ -209,7 +209,7 @@ class Connection:
                 connection_id=self.id,
                 tenant=tenant.id,
                 user=identity.user,
-                models=list(tenant.models),
+                models=usable_models(self.s.tenants, tenant),
                 default_model=tenant.default_model,
                 expires_at=identity.expires_at,
             )
@@ -557,6 +557,11 @@ async def _quietly(call: Awaitable[None]) -> None:
         await call
     except GatewayError:
         log.warning("limiter refused a release; the lease expires by itself")
+
+
+def usable_models(registry: Registry, tenant: Tenant) -> list[str]:
+    """The tenant's allowlist without the models retired in the catalogue."""
+    return [m for m in tenant.models if (info := registry.model(m)) is None or info.enabled]
 
 
 def _session_frame(session: Session, *, with_messages: bool) -> dict[str, Any]:
