@@ -40,6 +40,8 @@ _FINISHED: Final = "the stream already finished at or before this seq"
 # Frames handed out per read; replay simply reads again, and a bounded reply keeps one resuming
 # client from pulling a whole 10000-frame buffer through one Redis reply.
 _READ_COUNT: Final = 512
+# Redis entries are batches of up to a writer's max_batch (64) frames: read few at a time.
+_READ_ENTRIES: Final = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +95,9 @@ def check_after(after: int) -> None:
 
 
 def check_increasing(frames: Sequence[BufferedFrame]) -> None:
-    """Frames of one append must be in strictly increasing ``seq`` order (a bug otherwise)."""
+    """Frames of one append must be consecutive (``seq`` + 1 each), only the last terminal."""
     for previous, frame in itertools.pairwise(frames):
-        if frame.seq <= previous.seq:
+        if frame.seq != previous.seq + 1 or previous.terminal:
             raise InternalError("frames appended out of order")
 
 
@@ -312,6 +314,15 @@ def _field(fields: Mapping[Any, Any], name: str) -> Any:
 def _decode_entries(entries: Sequence[Any] | None) -> list[BufferedFrame]:
     frames: list[BufferedFrame] = []
     for _stream_id, fields in entries or ():
+        first = _field(fields, "s")
+        if first is not None:  # a batch: consecutive frames, newline-separated
+            raw = _field(fields, "d")
+            parts = (raw.encode() if isinstance(raw, str) else bytes(raw)).split(b"\n")
+            last_terminal = _field(fields, "t") in (b"1", "1")
+            for offset, data in enumerate(parts):
+                terminal = last_terminal and offset == len(parts) - 1
+                frames.append(BufferedFrame(seq=int(first) + offset, data=data, terminal=terminal))
+            continue
         seq = _field(fields, "seq")
         if seq is None:  # the header
             continue
@@ -383,18 +394,25 @@ class RedisStreamBuffer:
             raise StreamNotFound(_NOT_FOUND)
         name = stream_key(key)
         with _redis_boundary():
-            # MULTI/EXEC: one round trip, and a reader sees the whole batch or none of it.
-            async with self._client.pipeline(transaction=True) as pipe:
-                for frame in frames:
-                    pipe.xadd(
-                        name,
-                        {"seq": frame.seq, "d": frame.data, "t": 1 if frame.terminal else 0},
-                        id=_entry_id(frame.seq),
-                        maxlen=self._max_frames,
-                        approximate=True,
-                        # An expired buffer stays gone rather than coming back without its start.
-                        nomkstream=True,
-                    )
+            # One entry per batch (its id is the batch's last seq, so a range read from any seq
+            # finds the batch holding it): one XADD however many frames, and a reader sees the
+            # whole batch or none of it. Frames are compact JSON and never contain a newline.
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.xadd(
+                    name,
+                    {
+                        "s": frames[0].seq,
+                        "d": b"\n".join(frame.data for frame in frames),
+                        "t": 1 if frames[-1].terminal else 0,
+                    },
+                    id=_entry_id(frames[-1].seq),
+                    # Entries hold batches: keep about max_frames frames' worth of them. Exact
+                    # trimming, as approximate trimming only drops whole nodes of ~100 entries.
+                    maxlen=max(1, self._max_frames // len(frames)),
+                    approximate=False,
+                    # An expired buffer stays gone rather than coming back without its start.
+                    nomkstream=True,
+                )
                 pipe.pexpire(name, self._ttl_ms)
                 results = await pipe.execute()
         if results[0] is None:
@@ -408,12 +426,12 @@ class RedisStreamBuffer:
         with _redis_boundary():
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.exists(name)
-                pipe.xrange(name, min=_entry_id(after + 1), max="+", count=_READ_COUNT)
+                pipe.xrange(name, min=_entry_id(after + 1), max="+", count=_READ_ENTRIES)
                 pipe.xrevrange(name, max="+", min="-", count=1)
                 exists, entries, newest = await pipe.execute()
             if not exists:
                 raise StreamNotFound(_NOT_FOUND)
-            frames = _decode_entries(entries)
+            frames = [f for f in _decode_entries(entries) if f.seq > after]
             newest_frames = _decode_entries(newest)
             ended = bool(newest_frames) and newest_frames[-1].terminal
             if not frames and not ended and block_seconds > 0:
@@ -421,9 +439,9 @@ class RedisStreamBuffer:
                 if self._max_block_ms is not None:
                     block_ms = min(block_ms, self._max_block_ms)
                 response = await self._client.xread(
-                    {name: _entry_id(after)}, count=_READ_COUNT, block=block_ms
+                    {name: _entry_id(after)}, count=_READ_ENTRIES, block=block_ms
                 )
-                frames = _decode_entries(_xread_entries(response))
+                frames = [f for f in _decode_entries(_xread_entries(response)) if f.seq > after]
         return continuation(after, frames, ended=ended)
 
     async def exists(self, key: StreamKey) -> bool:

@@ -154,7 +154,7 @@ class Settings:
     resume_ttl_seconds: float = 300.0
     resume_max_frames: int = 10000
     stream_grace_seconds: float = 30.0
-    resume_flush_ms: float = 100.0
+    resume_flush_ms: float = 250.0
     drain_seconds: float = 90.0
 
     @classmethod
