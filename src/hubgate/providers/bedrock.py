@@ -14,12 +14,13 @@ from typing import Any
 
 import aioboto3
 import aiohttp
+import orjson
 from botocore.config import Config
+from botocore.eventstream import EventStreamBuffer, ParserError
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     ConnectTimeoutError,
-    EventStreamError,
     ReadTimeoutError,
 )
 
@@ -90,6 +91,29 @@ def converse_arguments(request: ProviderRequest) -> dict[str, Any]:
             "streamProcessingMode": request.guardrail.stream_mode,
         }
     return kwargs
+
+
+async def decode_events(events: Any) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
+    """(event type, payload) for each message of a ConverseStream response.
+
+    botocore's EventStream runs its shape parser on every event, which costs more CPU than
+    everything else the gateway does per token. The messages are framed and checksummed by
+    botocore's own EventStreamBuffer, and each JSON payload is decoded once with orjson.
+    Exception and error messages raise the gateway's error for their code.
+    """
+    raw = events._raw_stream  # the aiohttp response under botocore's EventStream
+    buffer = EventStreamBuffer()
+    async for chunk, _ in raw.content.iter_chunks():
+        buffer.add_data(chunk)
+        for message in buffer:
+            headers = message.headers
+            kind = headers.get(":message-type")
+            if kind == "event":
+                yield str(headers.get(":event-type", "")), orjson.loads(message.payload or b"{}")
+            elif kind == "exception":
+                raise map_error_code(str(headers.get(":exception-type", "")))
+            else:
+                raise map_error_code(str(headers.get(":error-code", "")))
 
 
 class BedrockProvider:
@@ -164,20 +188,17 @@ class BedrockProvider:
         events = response["stream"]
         stop_reason: str | None = None
         try:
-            async for event in events:
-                delta = event.get("contentBlockDelta")
-                if delta is not None:
-                    text = delta["delta"].get("text")
+            async for event_type, event in decode_events(events):
+                if event_type == "contentBlockDelta":
+                    text = event.get("delta", {}).get("text")
                     if text:
                         yield text
                     continue
-                stop = event.get("messageStop")
-                if stop is not None:
-                    stop_reason = stop.get("stopReason", "end_turn")
+                if event_type == "messageStop":
+                    stop_reason = event.get("stopReason", "end_turn")
                     continue
-                metadata = event.get("metadata")
-                if metadata is not None:
-                    usage = metadata.get("usage", {})
+                if event_type == "metadata":
+                    usage = event.get("usage", {})
                     if stop_reason is None:
                         break
                     yield Completion(
@@ -189,9 +210,8 @@ class BedrockProvider:
             # Bedrock always ends a good stream with messageStop then metadata; anything less
             # is a connection that broke, not a normal end.
             raise UpstreamError("the model stream ended before it was complete")
-        except EventStreamError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            raise map_error_code(code) from exc
+        except ParserError as exc:
+            raise UpstreamError("the model stream was corrupted", retryable=False) from exc
         except (TimeoutError, ReadTimeoutError) as exc:
             raise UpstreamTimeout("the model stream stalled") from exc
         except (BotoCoreError, aiohttp.ClientError) as exc:
