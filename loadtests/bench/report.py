@@ -676,7 +676,8 @@ def markdown(results: dict[str, Any], charts: list[Path], *, base: Path, repo: P
         lt = req.get("litellm", {}).get("cpu_us_per_request")
         out += [
             "",
-            f"Limiter cost: {num(req['limiter_cpu_us_per_request'], 0)} µs of gateway CPU per request. "
+            f"Limiter cost: {num(req['limiter_cpu_us_per_request'], 0)} µs of gateway CPU per request"
+            f"{' (below this measurement noise)' if (req['limiter_cpu_us_per_request'] or 0) < 0 else ''}. "
             f"hubgate / LiteLLM per request: {num(ratio(req['hubgate']['cpu_us_per_request'], lt), 3)}.",
             "",
         ]
@@ -732,7 +733,7 @@ def markdown(results: dict[str, Any], charts: list[Path], *, base: Path, repo: P
                 f"### {run['label']}",
                 "",
                 f"py-spy (`--nonblocking`, 200 Hz, {run['samples']} samples while the gateway was busy); the "
-                "full lists are in `loadtests/results/bench/profile.txt`. Self time by package: "
+                "full lists are in `loadtests/results/profile.txt`. Self time by package: "
                 + ", ".join(f"{area} {pct:.1f} %" for area, pct in run["areas"][:8])
                 + ".",
                 "",
@@ -761,7 +762,7 @@ def markdown(results: dict[str, Any], charts: list[Path], *, base: Path, repo: P
         "",
         "The first run installs LiteLLM into `loadtests/.litellm-venv` and py-spy into "
         "`loadtests/.tools-venv`.",
-        "Raw figures: `loadtests/results/bench/results-<mode>.json`. See `loadtests/README.md`.",
+        "Raw figures: `loadtests/results/results-<mode>.json`. See `loadtests/README.md`.",
         "",
     ]
     return "\n".join(out)

@@ -962,7 +962,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--full", dest="mode", action="store_const", const="full", help="the real measurement")
     parser.add_argument("--skip-litellm", action="store_true", help="do not install or run LiteLLM")
     parser.add_argument("--only", default=",".join(PHASES), help=f"comma-separated phases of {PHASES}")
-    parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "bench")
+    parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results")
     parser.add_argument(
         "--report", type=Path, default=None, help="BENCHMARKS.md to write (--full: repo root)"
     )
