@@ -473,3 +473,36 @@ async def test_cancel_right_after_chat_still_ends_the_request(gateway: Settings,
     frames = await client.chat("quick", "[[emulator:tokens=1]]")
     assert frames[-1]["type"] == "end"
     await client.close()
+
+
+async def test_a_finished_request_frees_its_slot_before_the_next_one_arrives(
+    gateway: Settings, mint: Mint
+) -> None:
+    client = await Client.open(ws_url(gateway), mint())
+    lanes = gateway.max_streams_per_connection
+    rounds = 15
+    sent = dict.fromkeys(range(lanes), 0)
+
+    async def send_next(lane: int) -> None:
+        sent[lane] += 1
+        await client.send(
+            {
+                "type": "chat",
+                "id": f"{lane}-{sent[lane]}",
+                "messages": [{"role": "user", "content": "[[emulator:tokens=2]]"}],
+            }
+        )
+
+    for lane in range(lanes):
+        await send_next(lane)
+    outcomes: list[str] = []
+    async with asyncio.timeout(60):
+        while len(outcomes) < lanes * rounds:
+            frame = await client.next_frame()
+            if frame.get("type") in ("end", "error"):
+                outcomes.append(frame.get("code", frame["type"]))
+                lane = int(frame["id"].split("-")[0])
+                if sent[lane] < rounds:
+                    await send_next(lane)  # at once: the slot must already be free
+    assert outcomes == ["end"] * (lanes * rounds)
+    await client.close()

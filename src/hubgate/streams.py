@@ -210,7 +210,8 @@ class StreamRegistry:
     # ------------------------------------------------------------------ attaching
 
     def owned_by(self, owner: Owner) -> list[ActiveStream]:
-        return [s for s in self.active.values() if s.owner is owner]
+        """The unfinished streams sending to `owner` (a finished one may still be settling)."""
+        return [s for s in self.active.values() if s.owner is owner and not s.finished]
 
     def detach(self, owner: Owner) -> None:
         """The owner's socket is gone: its streams keep running for the grace period."""
