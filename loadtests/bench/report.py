@@ -179,9 +179,12 @@ def evaluate(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
     sat = phases.get("saturation")
     if sat:
-        hub = sat["max_streams"]
-        lite = sat.get("litellm_max_streams")
-        bounded = " (the largest level tried)" if sat.get("bounded_by_levels") else ""
+        found = search(sat)
+        hub = found["hubgate"]
+        lite = found["litellm"] if results.get("litellm", {}).get("status") == "running" else None
+        bounded = (
+            f" (the load generator could not pace {found['load_bound_at']})" if found["load_bound_at"] else ""
+        )
         first = sat["levels"][0]["concurrency"] if sat.get("levels") else None
         bound = cpu_bound_streams(results, "hubgate")
         projected = f"; CPU-time bound {bound:.0f} at 100 % of a core" if bound else ""
@@ -231,6 +234,38 @@ def evaluate(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "ok": shed["refused"] > 0 and shed["other_errors"] == 0 and bool(shed["keeps_latency"]),
         }
     return out
+
+
+def load_bound(direct: dict[str, Any], token_delay_ms: float) -> bool:
+    """The load side could not pace this many streams itself, so no comparison means anything.
+
+    Signs: the floor's median gap leaves the emulator's pace (tokens arrive in bursts), the floor
+    had errors, or the load core was full.
+    """
+    p50 = direct.get("gap_p50_ms")
+    if p50 is None or not 0.75 * token_delay_ms <= p50 <= 1.25 * token_delay_ms:
+        return True
+    return bool(direct.get("errors")) or (direct.get("load_core_util") or 0) >= 0.95
+
+
+def search(sat: dict[str, Any]) -> dict[str, Any]:
+    """Largest level each system held, walking up until it fails or the load side gives out."""
+    delay = sat["workload"]["token_delay_ms"]
+    best: dict[str, int] = {"hubgate": 0, "litellm": 0}
+    alive = {"hubgate": True, "litellm": True}
+    load_bound_at = None
+    for row in sat["levels"]:
+        if load_bound(row["direct"], delay):
+            load_bound_at = row["concurrency"]
+            break
+        for system in best:
+            if not alive[system]:
+                continue
+            if system in row and row[system].get("holds"):
+                best[system] = row["concurrency"]
+            else:
+                alive[system] = False
+    return {**best, "load_bound_at": load_bound_at}
 
 
 def cpu_bound_streams(results: dict[str, Any], system: str) -> float | None:
@@ -580,10 +615,12 @@ def markdown(results: dict[str, Any], charts: list[Path], *, base: Path, repo: P
             "| others on gateway core (hubgate run) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
+        found = search(sat)
         for row in sat["levels"]:
             d, h, lt = row["direct"], row.get("hubgate"), row.get("litellm")
+            mark = " (load-bound)" if load_bound(d, wl["token_delay_ms"]) else ""
             out.append(
-                f"| {row['concurrency']} | {num(d['gap_p99_ms'])} "
+                f"| {row['concurrency']}{mark} | {num(d['gap_p99_ms'])} "
                 f"| {num(h['gap_p50_ms']) if h else '—'} / {num(h['gap_p99_ms']) if h else '—'} "
                 f"| {num(h['ttft_p99_ms']) if h else '—'} | {num(h['cpu_util']) if h else '—'} "
                 f"| {num(h['holds']) if h else '—'}{' ' + str(h['errors']) if h and h['errors'] else ''} "
@@ -600,7 +637,11 @@ def markdown(results: dict[str, Any], charts: list[Path], *, base: Path, repo: P
             f" (ratio {num(ratio(sat['max_streams'], sat.get('litellm_max_streams')))}x; 0 means "
             "not even the "
             "first level held). A level that failed was run a second time (direct and the system) before the "
-            "search stopped. Gaps in ms; CPU as the share of one core.",
+            "search stopped. A level marked load-bound is one where the floor itself lost the emulator's "
+            "pace (its median gap left 15-25 ms, it had errors, or the load core was full): the comparison "
+            "means nothing there and the search ends below it"
+            + (f" (first load-bound level: {found['load_bound_at']})" if found["load_bound_at"] else "")
+            + ". Gaps in ms; CPU as the share of one core.",
             "",
             "CPU-time bound (streams a whole core could carry at the paced CPU per token measured above, "
             f"with no headroom): hubgate {num(cpu_bound_streams(results, 'hubgate'), 0)}, LiteLLM "
@@ -705,7 +746,7 @@ def markdown(results: dict[str, Any], charts: list[Path], *, base: Path, repo: P
             f"`MONITOR` during one paced request ({tl.get('tokens')} tokens at 20 ms), split at the "
             "client's first "
             "and last token; commands one connection sent back to back (MULTI … EXEC, or a "
-            "pipeline: less than 0.1 ms apart) count as one round trip:",
+            f"pipeline: less than {tl.get('pipeline_gap_ms', 0.1):g} ms apart) count as one round trip:",
             "",
             "| Phase | Round trips | Commands sent | Run inside those scripts (no round trip) |",
             "| --- | --- | --- | --- |",

@@ -488,6 +488,10 @@ class Bench:
             )
             self.log(f"saturation direct x{level}", direct)
             row["direct"] = direct
+            if report.load_bound(direct, PACED_DELAY_MS):
+                # The floor itself lost the pace: nothing above this level can be compared.
+                levels.append(row)
+                break
             for system in ("hubgate", "litellm"):
                 if not alive[system]:
                     continue
@@ -506,7 +510,11 @@ class Bench:
                     )
                     self.log(f"saturation direct x{level} (again)", again)
                     self.log(f"saturation {system} x{level} (again)", retry)
-                    holds = not retry["errors"] and retry["gap_p99_ms"] <= again["gap_p99_ms"] + GAP_SLACK_MS
+                    holds = (
+                        not retry["errors"]
+                        and not report.load_bound(again, PACED_DELAY_MS)
+                        and retry["gap_p99_ms"] <= again["gap_p99_ms"] + GAP_SLACK_MS
+                    )
                     if holds:
                         summary, row["direct"] = retry, again
                     summary["retried"] = True
@@ -517,15 +525,19 @@ class Bench:
                 else:
                     alive[system] = False
             levels.append(row)
-        return {
+        result: dict[str, Any] = {
             "workload": asdict(workload),
             "criterion": f"inter-token p99 <= direct p99 + {GAP_SLACK_MS:g} ms at the same "
             "concurrency, no errors",
             "levels": levels,
-            "max_streams": best["hubgate"],
-            "litellm_max_streams": best["litellm"] if self.litellm is not None else None,
-            "bounded_by_levels": best["hubgate"] == plan.sat_levels[-1],
         }
+        found = report.search(result)
+        result.update(
+            max_streams=found["hubgate"],
+            litellm_max_streams=found["litellm"] if self.litellm is not None else None,
+            load_bound_at=found["load_bound_at"],
+        )
+        return result
 
     async def phase_shed(self, saturation: int) -> dict[str, Any]:
         """Offer twice the saturation figure to a tenant capped at it: refuse explicitly, keep latency."""
@@ -843,7 +855,7 @@ class Bench:
             started = time.perf_counter()
             if phase == "shed":
                 if saturation is None:
-                    saturation = self.plan.sat_levels[0]
+                    saturation = self.args.shed_cap or self.plan.sat_levels[0]
                     self.results["notes"].append(
                         f"shed phase ran without a saturation search; cap set to {saturation}"
                     )
@@ -913,10 +925,11 @@ async def _monitor_one_request(client: Any, url: str, token: str) -> dict[str, A
         "commands": {p: [name for name, _, _ in entries] for p, entries in phases.items()},
         "inside_scripts": scripted,
         "round_trips": {p: _round_trips(entries) for p, entries in phases.items()},
+        "pipeline_gap_ms": PIPELINE_GAP * 1000,
     }
 
 
-PIPELINE_GAP = 0.0001  # s; a reply read and a new command sent from Python take longer than this
+PIPELINE_GAP = 0.001  # s; commands of one pipeline reach Redis together, a new round trip takes longer
 
 
 def _round_trips(entries: list[tuple[str, str, float]]) -> int:
@@ -975,6 +988,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("head", "worktree"),
         default="head",
         help="serve an export of HEAD's src/ (default) or the working tree as it is",
+    )
+    parser.add_argument(
+        "--shed-cap", type=int, default=None, help="tenant stream cap for --only shed (default: first level)"
     )
     parser.add_argument(
         "--from-results",
