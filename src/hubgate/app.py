@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -133,13 +133,18 @@ def create_app(
             if settings.redis_url is not None:
                 # A client of its own, apart from the limiter's: resume reads block (XREAD BLOCK)
                 # for up to a second, far longer than a limiter decision may take.
-                redis = Redis.from_url(
+                # Blocking pool: at its cap a caller waits briefly for a free connection instead of
+                # failing at once (redis-py's default pool raises MaxConnectionsError). Resume readers
+                # hold a connection for up to a second while they block, hence a larger cap.
+                pool = BlockingConnectionPool.from_url(
                     settings.redis_url,
+                    max_connections=settings.redis_max_connections * 4,
+                    timeout=2.0,
                     socket_connect_timeout=1.0,
                     socket_timeout=5.0,
                     health_check_interval=30,
-                    max_connections=settings.redis_max_connections,
                 )
+                redis = Redis.from_pool(pool)
                 stack.push_async_callback(redis.aclose)
                 sessions = RedisSessionStore(redis, HistoryPolicy.from_settings(settings))
                 buffer = RedisStreamBuffer(
