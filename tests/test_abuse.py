@@ -16,17 +16,20 @@ from tests.support.gateway_server import gateway_settings, running_gateway
 Mint = Callable[..., str]
 
 
-def test_message_rate_allows_a_burst_then_warns_then_closes() -> None:
+def test_message_rate_allows_a_burst_then_drops_then_closes() -> None:
     rate = MessageRate(10)  # burst 50
-    verdicts = [rate.check(0.0) for _ in range(50)]
-    assert set(verdicts) == {MessageRate.ALLOW}
-    assert rate.check(0.0) == MessageRate.WARN
-    # Half a second refills 5 messages.
+    assert [rate.check(0.0) for _ in range(50)] == [MessageRate.ALLOW] * 50
+    assert rate.check(0.0) == MessageRate.DROP
+    # Half a second refills 5 messages (and drains 5 dropped ones).
     assert [rate.check(0.5) for _ in range(5)] == [MessageRate.ALLOW] * 5
-    # Still within a second of the warning: dropped quietly; the 51st drop in a row closes.
-    dropped = [rate.check(0.5) for _ in range(51)]
-    assert set(dropped[:-1]) == {MessageRate.DROP} and dropped[-1] == MessageRate.CLOSE
-    assert MessageRate(10).check(0.0) == MessageRate.ALLOW
+    # A flood: drops pile up faster than they drain; past 5 seconds' worth the client is closed.
+    verdicts = [rate.check(0.5) for _ in range(51)]
+    assert set(verdicts[:-1]) == {MessageRate.DROP} and verdicts[-1] == MessageRate.CLOSE
+    # A client that slows down recovers: allowed again after a pause, drops forgotten.
+    calm = MessageRate(10)
+    for _ in range(60):
+        calm.check(0.0)
+    assert calm.check(10.0) == MessageRate.ALLOW and calm.dropped == 0.0
 
 
 async def test_a_flood_of_messages_is_refused_then_disconnected(emulator: EmulatorServer, mint: Mint) -> None:

@@ -563,7 +563,7 @@ async def test_binary_frames_are_refused_and_never_acted_on(
     assert not [f for f in result.frames if "seq" in f]  # no chat sent as binary ever ran
 
 
-async def test_a_flood_of_tiny_messages_is_warned_then_closed_1008(fuzz_gateway: GatewayProcess) -> None:
+async def test_a_flood_of_tiny_messages_is_answered_then_closed_1008(fuzz_gateway: GatewayProcess) -> None:
     client = await Client.open(fuzz_gateway.url, token())
     ping = json.dumps({"type": "ping"}).encode()
     warnings: list[dict[str, Any]] = []
@@ -599,6 +599,7 @@ async def test_a_flood_of_tiny_messages_is_warned_then_closed_1008(fuzz_gateway:
         code = await reader
     assert code == 1008
     assert warnings, "no message_rate_limited frame before the close"
-    assert {(w["code"], w["retry_after"]) for w in warnings} == {("message_rate_limited", 1.0)}
-    assert len(warnings) <= 10  # at most one a second
-    assert RATE * 5 <= pongs < sent  # the burst was served, the rest dropped
+    assert {(w["code"], w["retry_after"]) for w in warnings} == {("message_rate_limited", round(1 / RATE, 3))}
+    # The burst was served; every dropped message was answered, until the flood went on too long.
+    assert RATE * 5 <= pongs < sent
+    assert len(warnings) >= RATE * 5

@@ -77,35 +77,33 @@ class State(enum.Enum):
 class MessageRate:
     """Per-connection message rate limit (pure; time passed in).
 
-    A token bucket of ``rate`` messages a second holding 5 seconds' worth. Over it, messages are
-    dropped with one `message_rate_limited` warning a second; a client that keeps flooding
-    (another 5 seconds' worth dropped in a row) is disconnected with close code 1008.
+    A token bucket of ``rate`` messages a second holding 5 seconds' worth. Over it, each message is
+    dropped (and answered with a `message_rate_limited` error by the caller). Dropped messages
+    also fill a second bucket that drains at ``rate``: a client that keeps flooding, so that more
+    than 5 seconds' worth of dropped messages pile up, is disconnected with close code 1008.
     """
 
-    ALLOW, WARN, DROP, CLOSE = "allow", "warn", "drop", "close"
+    ALLOW, DROP, CLOSE = "allow", "drop", "close"
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
         self.burst = max(1.0, rate * 5)
         self.tokens = self.burst
+        self.dropped = 0.0
         self.updated = -1.0
-        self.dropped_in_a_row = 0
-        self.warned_at = float("-inf")
 
     def check(self, now: float) -> str:
         if self.updated >= 0:
-            self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+            elapsed = max(0.0, now - self.updated)
+            self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+            self.dropped = max(0.0, self.dropped - elapsed * self.rate)
         self.updated = now
         if self.tokens >= 1:
             self.tokens -= 1
-            self.dropped_in_a_row = 0
             return self.ALLOW
-        self.dropped_in_a_row += 1
-        if self.dropped_in_a_row > self.burst:
+        self.dropped += 1
+        if self.dropped > self.burst:
             return self.CLOSE
-        if now - self.warned_at >= 1.0:
-            self.warned_at = now
-            return self.WARN
         return self.DROP
 
 
@@ -278,21 +276,23 @@ class Connection:
                 if message["type"] == "websocket.disconnect":
                     self.state = State.CLOSED
                     return
+                raw = message.get("text")
                 verdict = rate.check(time.monotonic())
                 if verdict is not MessageRate.ALLOW:
                     if verdict is MessageRate.CLOSE:
                         await self._close(CloseCode.POLICY_VIOLATION, "message rate exceeded")
                         return
-                    if verdict is MessageRate.WARN:
-                        await self._send_frame(
-                            protocol.error_frame(
-                                "message_rate_limited",
-                                f"more than {rate.rate:g} messages a second; messages are being dropped",
-                                retry_after=1.0,
-                            )
+                    # Every dropped message is answered (with its id when it has one), so a client
+                    # never waits for a reply that will not come.
+                    await self._send_frame(
+                        protocol.error_frame(
+                            "message_rate_limited",
+                            f"more than {rate.rate:g} messages a second on this connection; message dropped",
+                            request_id=protocol.request_id_of(raw) if raw is not None else None,
+                            retry_after=1.0 / rate.rate,
                         )
+                    )
                     continue
-                raw = message.get("text")
                 if raw is None:
                     await self._send_frame(
                         protocol.error_frame(

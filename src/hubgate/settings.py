@@ -128,7 +128,7 @@ class Settings:
     auth_expiry_warning_seconds: float = 60.0
     handshake_timeout_seconds: float = 10.0  # to send complete HTTP request headers
     send_timeout_seconds: float = 15.0  # a client that reads nothing for this long is disconnected
-    max_messages_per_second: float = 20.0  # per connection, with a burst of 5 seconds' worth
+    max_messages_per_second: float = 50.0  # per connection, with a burst of 5 seconds' worth
 
     # Rate limits
     redis_url: str | None = None  # None: in-memory limiter (one process)

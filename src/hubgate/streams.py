@@ -17,7 +17,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -138,6 +138,9 @@ class ActiveStream:
     running: bool = False  # the task has begun: cancelling it now runs its cleanup
     finished: bool = False
     watcher: asyncio.Task[None] | None = None
+    # Settles and meters the request; run just before its terminal frame goes out, so a client
+    # that sends its next request on receiving `end` finds the capacity and refund already back.
+    conclude: Callable[[], Awaitable[None]] | None = None
 
     @property
     def key(self) -> StreamKey:
@@ -329,6 +332,9 @@ class StreamRegistry:
     # ------------------------------------------------------------------ running
 
     async def _emit(self, stream: ActiveStream, text: str, *, terminal: bool = False) -> None:
+        if terminal and stream.conclude is not None:
+            conclude, stream.conclude = stream.conclude, None
+            await conclude()
         seq = len(stream.frames)
         stream.frames.append(text)
         if stream.writer is not None:
@@ -357,6 +363,26 @@ class StreamRegistry:
         reached_upstream = False
         started = False
         spend_before: Spend | None = None
+        priced: list[UsageRecord] = []
+
+        async def conclude() -> None:
+            record = await self._conclude(
+                stream,
+                admission=admission,
+                completion=completion,
+                deltas=len(deltas),
+                input_estimate=input_estimate,
+                error_code=error_code,
+                ttft_ms=ttft_ms,
+                duration_ms=(time.monotonic() - received) * 1000,
+                reached_upstream=reached_upstream,
+                model=served_model,
+                reply_chars=sum(len(d) for d in deltas),
+            )
+            if record is not None:
+                priced.append(record)
+
+        stream.conclude = conclude
         stream.running = True
         try:
             try:
@@ -438,20 +464,10 @@ class StreamRegistry:
             stream.finished = True
             if stream.watcher is not None:
                 stream.watcher.cancel()
-            await self._finish(
-                stream,
-                admission=admission,
-                completion=completion,
-                deltas=len(deltas),
-                input_estimate=input_estimate,
-                error_code=error_code,
-                ttft_ms=ttft_ms,
-                duration_ms=(time.monotonic() - received) * 1000,
-                reached_upstream=reached_upstream,
-                spend_before=spend_before,
-                model=served_model,
-                reply_chars=sum(len(d) for d in deltas),
-            )
+            if stream.conclude is not None:  # ended without a terminal frame (torn down)
+                stream.conclude = None
+                await conclude()
+            await self._finish(stream, priced[0] if priced else None, spend_before)
 
     async def _open_upstream(
         self, request: StreamRequest, provider_request: ProviderRequest
@@ -587,7 +603,7 @@ class StreamRegistry:
             (time.monotonic() - received) * 1000,
         )
 
-    async def _finish(
+    async def _conclude(
         self,
         stream: ActiveStream,
         *,
@@ -599,16 +615,13 @@ class StreamRegistry:
         ttft_ms: float | None,
         duration_ms: float,
         reached_upstream: bool,
-        spend_before: Spend | None,
         model: str,
         reply_chars: int,
-    ) -> None:
-        """Flush the buffer, settle the reservation, meter once, unregister. Never raises."""
+    ) -> UsageRecord | None:
+        """Settle the reservation and release the stream lease, then meter once. Never raises."""
         request = stream.request
         key = request.key
         try:
-            if stream.writer is not None:
-                await stream.writer.aclose()
             estimated = completion is None or completion.stop_reason == "cancelled"
             if completion is not None and completion.stop_reason != "cancelled":
                 input_tokens, output_tokens = completion.input_tokens, completion.output_tokens
@@ -625,43 +638,57 @@ class StreamRegistry:
                     used_tokens=input_tokens + output_tokens,
                     now=time.time(),
                 )
-            if reached_upstream:
-                priced = self._meter.record(
-                    UsageRecord(
-                        request_id=key.request_id,
-                        connection_id=request.connection_id,
-                        tenant=key.tenant,
-                        user=key.user,
-                        model=model,
-                        input_tokens=input_tokens,
-                        output_tokens=output_tokens,
-                        estimated=estimated,
-                        ttft_ms=ttft_ms,
-                        duration_ms=duration_ms,
-                        stop_reason=None if completion is None else completion.stop_reason,
-                        error_code=error_code,
-                        timestamp=time.time(),
-                    )
+            if not reached_upstream:
+                return None
+            priced = self._meter.record(
+                UsageRecord(
+                    request_id=key.request_id,
+                    connection_id=request.connection_id,
+                    tenant=key.tenant,
+                    user=key.user,
+                    model=model,
+                    input_tokens=input_tokens,
+                    output_tokens=output_tokens,
+                    estimated=estimated,
+                    ttft_ms=ttft_ms,
+                    duration_ms=duration_ms,
+                    stop_reason=None if completion is None else completion.stop_reason,
+                    error_code=error_code,
+                    timestamp=time.time(),
                 )
-                log.info(
-                    "request finished",
-                    extra={
-                        "request_id": key.request_id,
-                        "connection_id": request.connection_id,
-                        "tenant": key.tenant,
-                        "model": model,
-                        "outcome": priced.outcome,
-                        "input_tokens": priced.input_tokens,
-                        "output_tokens": priced.output_tokens,
-                        "duration_ms": round(duration_ms, 1),
-                        **self._text_lengths(request, reply_chars),
-                    },
-                )
-                if self._spans is not None:
-                    end_ns = time.time_ns()
-                    self._spans.record(priced, start_ns=end_ns - int(duration_ms * 1_000_000), end_ns=end_ns)
-                if spend_before is not None:
-                    await self._warn_budget(stream, spend_before, priced)
+            )
+            log.info(
+                "request finished",
+                extra={
+                    "request_id": key.request_id,
+                    "connection_id": request.connection_id,
+                    "tenant": key.tenant,
+                    "model": model,
+                    "outcome": priced.outcome,
+                    "input_tokens": priced.input_tokens,
+                    "output_tokens": priced.output_tokens,
+                    "duration_ms": round(duration_ms, 1),
+                    **self._text_lengths(request, reply_chars),
+                },
+            )
+            if self._spans is not None:
+                end_ns = time.time_ns()
+                self._spans.record(priced, start_ns=end_ns - int(duration_ms * 1_000_000), end_ns=end_ns)
+            return priced
+        except Exception:  # the request is over whatever happens here; the caller must go on
+            log.exception("settling or metering request %s failed", key.request_id)
+            return None
+
+    async def _finish(
+        self, stream: ActiveStream, priced: UsageRecord | None, spend_before: Spend | None
+    ) -> None:
+        """Flush the resume buffer, warn about the budget, unregister. Never raises."""
+        key = stream.request.key
+        try:
+            if stream.writer is not None:
+                await stream.writer.aclose()
+            if priced is not None and spend_before is not None:
+                await self._warn_budget(stream, spend_before, priced)
         except Exception:  # the stream is over whatever happens here; never leak the registration
             log.exception("finishing request %s failed", key.request_id)
         finally:
