@@ -49,6 +49,17 @@ def deadline_protocol(seconds: float) -> type[HttpToolsProtocol]:
             self._cancel_deadline()
             super().connection_lost(exc)
 
+        def handle_websocket_upgrade(self) -> None:
+            super().handle_websocket_upgrade()
+            # websockets refuses a request with a header or request line over 8 KiB (or too many
+            # headers) and queues a 4xx answer that uvicorn's sans-I/O protocol never writes:
+            # send it and close, so such a client cannot hold the socket open.
+            upgraded = self.transport.get_protocol()
+            conn = getattr(upgraded, "conn", None)
+            if conn is not None and not getattr(upgraded, "handshake_initiated", True):
+                self.transport.write(b"".join(conn.data_to_send()))
+                self.transport.close()
+
         def _cancel_deadline(self) -> None:
             if self._deadline is not None:
                 self._deadline.cancel()
