@@ -55,7 +55,10 @@ def crowd_gateway(
     wanted = hard if hard != resource.RLIM_INFINITY else 65536
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
     if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2 * IDLE_CONNECTIONS + 200:
-        pytest.skip("the descriptor limit is too low for this many connections")
+        pytest.fail(
+            f"the open-files limit ({resource.getrlimit(resource.RLIMIT_NOFILE)[0]}) is too low for "
+            f"{IDLE_CONNECTIONS} connections; raise it (ulimit -n) and run again"
+        )
     tenants = {
         OPEN: {"models": [NOVA]},
         CAPPED: {"models": [NOVA], "limits": {"max_connections": CAP}},

@@ -28,7 +28,7 @@ def _finite(value: object) -> bool:
 @pytest.mark.timeout(120)
 def test_smallest_bench_run_produces_numbers(tmp_path: Path) -> None:
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (make test installs it)")
+        pytest.fail("redis-server is not installed: run `make test`, which installs it")
     command = [
         sys.executable,
         str(HARNESS),
