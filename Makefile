@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint venv clean
+.PHONY: run test lint venv clean loadtest
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "needs Python 3.11+ on PATH (python3.11 or python3)"; exit 1; }
@@ -27,6 +27,11 @@ test: $(STAMP)
 	bash scripts/test-deps.sh
 	$(MAKE) lint
 	$(BIN)/pytest
+
+# Local load test with locust (see loadtests/README.md), e.g. make loadtest ARGS="--users 50 --duration 60s"
+loadtest: $(STAMP)
+	$(BIN)/pip install -q -e '.[load]'
+	$(BIN)/python loadtests/run_locust.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist src/*.egg-info
