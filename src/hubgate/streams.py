@@ -79,8 +79,9 @@ def estimate_input_tokens(system: str | None, contents: list[str]) -> int:
 
     Used only for the reservation; settlement uses Bedrock's real count.
     """
+    # The rule of sessions.estimate_tokens, on the lengths alone (no concatenated copy).
     chars = len(system or "") + sum(len(c) for c in contents)
-    return max(1, -(-chars // 4))
+    return max(1, (chars + 3) // 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -707,8 +708,3 @@ class StreamRegistry:
         tasks = [s.task for s in streams if s.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def quietly(call: Awaitable[None]) -> None:
-    with contextlib.suppress(GatewayError):
-        await call
