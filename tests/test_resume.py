@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -16,6 +17,7 @@ from redis.asyncio import Redis
 
 from hubgate.errors import DuplicateId, InternalError, InvalidMessage, StreamNotFound
 from hubgate.resume import (
+    READERS_CHANNEL,
     BufferedFrame,
     BufferWriter,
     MemoryStreamBuffer,
@@ -424,6 +426,140 @@ async def test_writer_end_to_end_through_redis(redis_server: RedisServer) -> Non
         assert await asyncio.wait_for(tail, WAIT) == frames(0, 300, terminal_last=True)
     finally:
         await client.aclose()
+
+
+async def test_a_writer_not_live_sends_nothing_until_it_goes_live() -> None:
+    buf = CountingBuffer()
+    key = StreamKey("t", "u", "r")
+    await buf.create(key)
+    writer = BufferWriter(buf, key, flush_interval=0.001, max_batch=4, live=False)
+    for f in frames(0, 300):
+        writer.push(f)
+    assert not writer.live
+    assert await buf.read(key, -1, block_seconds=0.05) == []  # well past the flush interval
+    assert buf.appends == []
+    writer.go_live()  # e.g. the client's socket dropped: the backlog goes in one append
+    assert await asyncio.wait_for(buf.read(key, -1, block_seconds=WAIT), WAIT) == frames(0, 300)
+    assert buf.appends == [300]
+    for f in frames(300, 306):  # from now on, in batches of max_batch
+        writer.push(f)
+    writer.push(frame(306, terminal=True))
+    await writer.aclose()
+    assert buf.appends[1:] == [4, 3]
+    assert await collect(replay(buf, key, 299)) == [*frames(300, 306), frame(306, terminal=True)]
+
+
+async def test_a_writer_not_live_sends_everything_in_one_append_at_close() -> None:
+    buf = CountingBuffer()
+    key = StreamKey("t", "u", "r")
+    await buf.create(key)
+    writer = BufferWriter(buf, key, flush_interval=0.001, max_batch=8, live=False, backlog_batch=1000)
+    for f in frames(0, 501, terminal_last=True):
+        writer.push(f)
+    await writer.aclose()
+    assert buf.appends == [501]
+    assert await collect(replay(buf, key, -1)) == frames(0, 501, terminal_last=True)
+
+
+async def test_a_backlog_larger_than_one_batch_goes_in_backlog_sized_appends() -> None:
+    buf = CountingBuffer()
+    key = StreamKey("t", "u", "r")
+    await buf.create(key)
+    writer = BufferWriter(buf, key, max_batch=8, live=False, backlog_batch=100)
+    for f in frames(0, 250, terminal_last=True):
+        writer.push(f)
+    await writer.aclose()
+    assert buf.appends == [100, 100, 50]
+
+
+async def test_memory_buffer_tells_watchers_about_readers() -> None:
+    buf = MemoryStreamBuffer(ttl_seconds=60, max_frames=100)
+    seen: list[StreamKey] = []
+    arrived = asyncio.Event()
+
+    def on_reader(key: StreamKey) -> None:
+        seen.append(key)
+        arrived.set()
+
+    watch = asyncio.create_task(buf.watch_readers(on_reader))
+    await asyncio.sleep(0)  # let the watcher register
+    key = StreamKey("t", "u", "r")
+    await buf.signal_reader(key, time.time() + 3)
+    await asyncio.wait_for(arrived.wait(), WAIT)
+    assert seen == [key]
+    watch.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await watch
+    await buf.signal_reader(key, time.time() + 3)
+    assert seen == [key]
+
+
+async def test_redis_buffer_tells_every_instance_about_readers(redis_server: RedisServer) -> None:
+    clients = [Redis.from_url(redis_server.url, socket_timeout=5) for _ in range(3)]
+    reader_side, *instances = [RedisStreamBuffer(c, ttl_seconds=60, max_frames=100) for c in clients]
+    queues: list[asyncio.Queue[StreamKey]] = [asyncio.Queue(), asyncio.Queue()]
+    watches = [
+        asyncio.create_task(b.watch_readers(q.put_nowait)) for b, q in zip(instances, queues, strict=True)
+    ]
+    try:
+        key = StreamKey("acme", "alice", f"r{uuid.uuid4().hex[:8]}")
+        # Subscribing takes a moment; a reader repeats its signal, as replaying clients do.
+        deadline = time.monotonic() + WAIT
+        for queue in queues:
+            while True:
+                await reader_side.signal_reader(key, time.time() + 3)
+                try:
+                    assert await asyncio.wait_for(queue.get(), 0.2) == key
+                    break
+                except TimeoutError:
+                    assert time.monotonic() < deadline, "no watcher heard the reader"
+        assert (await reader_side.control(key)).reader_until > time.time()
+        for queue in queues:  # repeated signals
+            while not queue.empty():
+                assert queue.get_nowait() == key
+        # Anything else published on the channel is ignored.
+        await clients[0].publish(READERS_CHANNEL, b"not json")
+        await clients[0].publish(READERS_CHANNEL, b'["a", 1, "c"]')
+        await reader_side.signal_reader(StreamKey("a", "b", "c"), time.time() + 3)
+        for queue in queues:
+            assert await asyncio.wait_for(queue.get(), WAIT) == StreamKey("a", "b", "c")
+    finally:
+        for watch in watches:
+            watch.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
+        for c in clients:
+            await c.aclose()
+
+
+async def test_redis_reader_watch_survives_a_redis_restart() -> None:
+    server = RedisServer()
+    server.start()
+    client = Redis.from_url(server.url, socket_timeout=5)
+    try:
+        buf = RedisStreamBuffer(client, ttl_seconds=60, max_frames=100)
+        queue: asyncio.Queue[StreamKey] = asyncio.Queue()
+        watch = asyncio.create_task(buf.watch_readers(queue.put_nowait))
+        key = StreamKey("t", "u", "r")
+
+        async def heard() -> None:
+            deadline = time.monotonic() + 3 * WAIT
+            while True:
+                with contextlib.suppress(InternalError):
+                    await buf.signal_reader(key, time.time() + 3)
+                try:
+                    assert await asyncio.wait_for(queue.get(), 0.2) == key
+                    return
+                except TimeoutError:
+                    assert time.monotonic() < deadline, "the watcher never heard the reader"
+
+        await heard()
+        server.restart()  # the subscription drops; the watcher subscribes again
+        await heard()
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+    finally:
+        await client.aclose()
+        server.stop()
 
 
 # --- any interleaving -----------------------------------------------------------------------

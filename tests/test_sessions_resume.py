@@ -10,8 +10,10 @@ from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 from websockets.exceptions import ConnectionClosed
 
+from hubgate.resume import StreamKey, stream_key
 from tests.conftest import ws_url
 from tests.support.client import Client, seqs_of, text_of
 from tests.support.emulator_server import EmulatorServer
@@ -242,6 +244,39 @@ async def test_resume_on_a_second_instance(
         assert seqs_of(frames) == list(range(len(frames)))
         assert text_of(frames) == words
         await second.close()
+
+
+async def test_frames_reach_redis_only_once_someone_may_resume(
+    emulator: EmulatorServer, mint: Mint, redis_server: RedisServer
+) -> None:
+    """While its client is connected a request writes nothing to its buffer but the header; a
+    second client resuming it on another instance (the first socket still open, as when the first
+    instance has not noticed a dead network yet) makes it write, and gets every frame."""
+    one = gateway_settings(emulator.url, redis_url=redis_server.url, instance_id="one")
+    two = gateway_settings(emulator.url, redis_url=redis_server.url, instance_id="two")
+    words = reply_words("gamma", 120)
+    redis = Redis.from_url(redis_server.url)
+    async with running_gateway(one), running_gateway(two):
+        first = await Client.open(ws_url(one), mint("acme", "alice"))
+        request_id = f"h{time.time_ns()}"
+        await first.send(slow_reply(request_id, words, delay_ms=20))
+        await read_until(first, request_id, 30)  # 0.6 s of tokens: past two flush intervals
+        assert first.by_id[request_id][-1]["type"] == "delta"
+        name = stream_key(StreamKey("acme", "alice", request_id))
+        assert await redis.xlen(name) == 1  # the header alone
+
+        second = await Client.open(ws_url(two), mint("acme", "alice"))
+        after = first.by_id[request_id][-1]["seq"]
+        await second.send({"type": "resume", "id": request_id, "after": after})
+        tail = await second.until_terminal(request_id)
+        assert [f["seq"] for f in tail] == list(range(after + 1, after + 1 + len(tail)))
+        resumed = first.by_id[request_id][: after + 1] + tail
+        assert text_of(resumed) == words and resumed[-1]["type"] == "end"
+        whole = await first.until_terminal(request_id)  # the first client got everything too
+        assert text_of(whole) == words
+        await first.close()
+        await second.close()
+    await redis.aclose()
 
 
 async def test_cancel_through_another_instance(

@@ -219,6 +219,8 @@ def create_app(
             stack.push_async_callback(streams.cancel_all)
             watchdog = asyncio.create_task(watch_slow_clients(services), name="hubgate-slow-clients")
             stack.callback(watchdog.cancel)
+            readers = asyncio.create_task(streams.watch_readers(), name="hubgate-resume-readers")
+            stack.callback(readers.cancel)
             log.info("hubgate ready", extra={"instance": settings.instance_id})
             yield
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 from urllib.parse import quote
 
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -145,7 +146,12 @@ class StreamBuffer(Protocol):
         ...
 
     async def signal_reader(self, key: StreamKey, until: float) -> None:
-        """Say a reader is tailing ``key`` until ``until`` (wall clock), so its producer keeps going."""
+        """Say a reader is tailing ``key`` until ``until`` (wall clock), so its producer keeps going
+        and writes its frames to the buffer as they come (see ``watch_readers``)."""
+        ...
+
+    async def watch_readers(self, on_reader: Callable[[StreamKey], None]) -> None:
+        """Call ``on_reader(key)`` for each ``signal_reader`` made by any instance; runs until cancelled."""
         ...
 
     async def request_cancel(self, key: StreamKey) -> None:
@@ -198,6 +204,7 @@ class MemoryStreamBuffer:
         self._clock = clock
         self._streams: dict[StreamKey, _MemoryStream] = {}
         self._controls: dict[StreamKey, Control] = {}
+        self._watchers: list[Callable[[StreamKey], None]] = []
         self._next_sweep = float("-inf")
 
     async def create(self, key: StreamKey) -> None:
@@ -246,6 +253,15 @@ class MemoryStreamBuffer:
 
     async def signal_reader(self, key: StreamKey, until: float) -> None:
         self._controls[key] = Control(until, self._controls.get(key, Control()).cancel)
+        for on_reader in list(self._watchers):
+            on_reader(key)
+
+    async def watch_readers(self, on_reader: Callable[[StreamKey], None]) -> None:
+        self._watchers.append(on_reader)
+        try:
+            await asyncio.get_running_loop().create_future()  # until cancelled
+        finally:
+            self._watchers.remove(on_reader)
 
     async def request_cancel(self, key: StreamKey) -> None:
         self._controls[key] = Control(self._controls.get(key, Control()).reader_until, True)
@@ -294,6 +310,26 @@ redis.call('XADD', KEYS[1], '0-1', 'h', '1')
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 """
+
+
+# Readers announce themselves here, so the instance running a request starts writing its frames.
+READERS_CHANNEL: Final = "hubgate:resume:readers"
+_RESUBSCRIBE_MAX_SECONDS: Final = 5.0
+
+
+def _reader_message(key: StreamKey) -> bytes:
+    return orjson.dumps([key.tenant, key.user, key.request_id])
+
+
+def _reader_key(data: Any) -> StreamKey | None:
+    """The key a reader message names, or None for anything else on the channel."""
+    try:
+        tenant, user, request_id = orjson.loads(data)
+    except (orjson.JSONDecodeError, TypeError, ValueError):
+        return None
+    if not all(isinstance(part, str) for part in (tenant, user, request_id)):
+        return None
+    return StreamKey(tenant, user, request_id)
 
 
 def _control_key(key: StreamKey) -> str:
@@ -451,7 +487,38 @@ class RedisStreamBuffer:
             return bool(await self._client.exists(stream_key(key)))
 
     async def signal_reader(self, key: StreamKey, until: float) -> None:
-        await self._set_control(key, "reader_until", repr(until))
+        if not valid_request_id(key.request_id):
+            raise StreamNotFound(_NOT_FOUND)
+        control = _control_key(key)
+        with _redis_boundary():
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hset(control, "reader_until", repr(until))
+                pipe.pexpire(control, self._ttl_ms)
+                pipe.publish(READERS_CHANNEL, _reader_message(key))
+                await pipe.execute()
+
+    async def watch_readers(self, on_reader: Callable[[StreamKey], None]) -> None:
+        """Subscribe to the readers channel, resubscribing with backoff while Redis is away.
+
+        A signal sent while unsubscribed is not lost for long: readers repeat theirs every poll.
+        """
+        delay = 0.1
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(READERS_CHANNEL)
+                delay = 0.1
+                async for message in pubsub.listen():
+                    key = _reader_key(message.get("data"))
+                    if key is not None:
+                        on_reader(key)
+            except (RedisError, OSError) as exc:
+                logger.warning("resume reader signals unavailable (%s); retrying in %.1fs", exc, delay)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RESUBSCRIBE_MAX_SECONDS)
 
     async def request_cancel(self, key: StreamKey) -> None:
         await self._set_control(key, "cancel", "1")
@@ -484,22 +551,35 @@ class RedisStreamBuffer:
 class BufferWriter:
     """Batches one request's frames into ``append`` calls so the token path never waits on Redis.
 
-    ``push`` only queues. One background task sends a batch when ``max_batch`` frames are queued,
-    when the terminal frame is queued, or ``flush_interval`` seconds after the first queued frame;
-    at most one append is in flight, so frames reach the buffer in order. A failed append is
-    logged and dropped: the live connection still has those frames, and a resume that needs them
-    gets ``stream_not_found`` instead of a stream with a hole.
+    ``push`` only queues. A writer created with ``live=False`` (a request whose client is
+    connected) keeps its frames in memory and sends nothing until ``go_live`` (the client's socket
+    dropped, or a client is resuming the request elsewhere) or ``aclose``; then the whole backlog
+    goes in one append. A live writer's background task sends a batch when ``max_batch`` frames
+    are queued, when the terminal frame is queued, or ``flush_interval`` seconds after the first
+    queued frame; at most one append is in flight, so frames reach the buffer in order. A failed
+    append is logged and dropped: the live connection still has those frames, and a resume that
+    needs them gets ``stream_not_found`` instead of a stream with a hole.
     """
 
     def __init__(
-        self, buffer: StreamBuffer, key: StreamKey, *, flush_interval: float = 0.02, max_batch: int = 64
+        self,
+        buffer: StreamBuffer,
+        key: StreamKey,
+        *,
+        flush_interval: float = 0.02,
+        max_batch: int = 64,
+        live: bool = True,
+        backlog_batch: int = 1024,
     ) -> None:
-        if flush_interval <= 0 or max_batch < 1:
-            raise ValueError("flush_interval must be > 0 and max_batch >= 1")
+        if flush_interval <= 0 or max_batch < 1 or backlog_batch < 1:
+            raise ValueError("flush_interval must be > 0, max_batch and backlog_batch >= 1")
         self._buffer = buffer
         self._key = key
         self._flush_interval = flush_interval
         self._max_batch = max_batch
+        self._backlog_batch = max(backlog_batch, max_batch)
+        self._live = live
+        self._catching_up = False
         self._pending: list[BufferedFrame] = []
         self._has_data = asyncio.Event()
         self._urgent = asyncio.Event()
@@ -508,19 +588,37 @@ class BufferWriter:
         self._failed_batches = 0
         self._lost_frames = 0
 
+    @property
+    def live(self) -> bool:
+        return self._live
+
     def push(self, frame: BufferedFrame) -> None:
         """Queue one frame (call from the event loop); never waits."""
         if self._closing:
             raise RuntimeError("BufferWriter is closed")
         self._pending.append(frame)
+        if not self._live:
+            return
         if frame.terminal or len(self._pending) >= self._max_batch:
             self._urgent.set()
         self._has_data.set()
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="hubgate-buffer-writer")
+        self._ensure_task()
+
+    def go_live(self) -> None:
+        """Send the backlog now, and every frame from here on in batches."""
+        if self._live or self._closing:
+            return
+        self._live = True
+        if self._pending:
+            self._catching_up = True
+            self._urgent.set()
+            self._has_data.set()
+            self._ensure_task()
 
     async def aclose(self) -> None:
         """Send everything queued, terminal frame included, then stop; logs, never raises, Redis trouble."""
+        if not self._live and self._pending:
+            self.go_live()
         if self._task is None or self._task.done():
             self._closing = True
             return
@@ -537,6 +635,10 @@ class BufferWriter:
                 self._key.request_id,
             )
 
+    def _ensure_task(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="hubgate-buffer-writer")
+
     async def _run(self) -> None:
         while True:
             await self._has_data.wait()
@@ -544,9 +646,11 @@ class BufferWriter:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._flush_interval):
                         await self._urgent.wait()
-            batch = self._pending[: self._max_batch]
-            del self._pending[: self._max_batch]
+            size = self._backlog_batch if self._catching_up else self._max_batch
+            batch = self._pending[:size]
+            del self._pending[:size]
             if not self._pending:
+                self._catching_up = False
                 self._has_data.clear()
             if not self._closing and len(self._pending) < self._max_batch and not self._terminal_pending():
                 self._urgent.clear()

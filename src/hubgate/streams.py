@@ -102,6 +102,12 @@ class RetryPolicy:
         return random.uniform(0.0, min(self.cap, self.base * 2**attempt))
 
 
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a background task's exception as seen (whoever awaits it still gets it)."""
+    if not task.cancelled():
+        task.exception()
+
+
 async def _prepend(
     first: str | Completion, rest: AsyncGenerator[str | Completion, None]
 ) -> AsyncGenerator[str | Completion, None]:
@@ -135,6 +141,7 @@ class ActiveStream:
     owner: Owner | None = None  # the connection frames go to; None while detached
     task: asyncio.Task[None] | None = None
     writer: BufferWriter | None = None
+    opening: asyncio.Task[None] | None = None  # the resume buffer being created
     cancel_requested: bool = False
     running: bool = False  # the task has begun: cancelling it now runs its cleanup
     finished: bool = False
@@ -225,6 +232,8 @@ class StreamRegistry:
 
     def _detach(self, stream: ActiveStream) -> None:
         stream.owner = None
+        if stream.writer is not None:
+            stream.writer.go_live()  # the client will likely resume, maybe on another instance
         if stream.watcher is None and not stream.finished:
             stream.watcher = asyncio.create_task(self._watch_detached(stream))
 
@@ -285,6 +294,17 @@ class StreamRegistry:
         finally:
             heartbeat.cancel()
 
+    async def watch_readers(self) -> None:
+        """Write a request's frames to the resume buffer as they come once a client, on any
+        instance, starts reading it there (its old connection here may not know it is dead yet).
+        Runs until cancelled."""
+        await self._buffer.watch_readers(self._reader_waiting)
+
+    def _reader_waiting(self, key: StreamKey) -> None:
+        stream = self.active.get(key)
+        if stream is not None and stream.writer is not None:
+            stream.writer.go_live()
+
     async def _reader_heartbeat(self, key: StreamKey) -> None:
         while True:
             with contextlib.suppress(GatewayError):
@@ -333,6 +353,8 @@ class StreamRegistry:
     # ------------------------------------------------------------------ running
 
     async def _emit(self, stream: ActiveStream, text: str, *, terminal: bool = False) -> None:
+        if stream.opening is not None:
+            await self._open_writer(stream)
         if terminal and stream.conclude is not None:
             conclude, stream.conclude = stream.conclude, None
             await conclude()
@@ -407,7 +429,9 @@ class StreamRegistry:
             self._leases.add(key.tenant, request.lease)
             if stream.cancel_requested:
                 raise asyncio.CancelledError
-            stream.writer = await self._open_writer(key)
+            # Created while the upstream call is made; awaited before the first frame (`_emit`).
+            stream.opening = asyncio.create_task(self._buffer.create(key))
+            stream.opening.add_done_callback(_retrieve)
             limits = {
                 "requests_remaining": admission.remaining_requests,
                 "tokens_remaining": admission.remaining_tokens,
@@ -423,6 +447,7 @@ class StreamRegistry:
                 stop=chat.stop,
                 guardrail=tenant.guardrail,
             )
+            upstream: AsyncGenerator[str | Completion, None] | None = None
             try:
                 reached_upstream = True
                 served_model, upstream = await self._open_upstream(request, provider_request)
@@ -449,6 +474,9 @@ class StreamRegistry:
             except UpstreamError as exc:
                 error_code = exc.code
                 await self._emit(stream, frames.error(exc.code, exc.message), terminal=True)
+            finally:
+                if upstream is not None:
+                    await upstream.aclose()  # stop paying for tokens nobody will receive
         except asyncio.CancelledError:
             if not stream.cancel_requested:
                 raise
@@ -582,15 +610,25 @@ class StreamRegistry:
         with contextlib.suppress(OwnerGone):
             await owner.deliver(protocol.encode(frame))
 
-    async def _open_writer(self, key: StreamKey) -> BufferWriter | None:
+    async def _open_writer(self, stream: ActiveStream) -> None:
+        """Wait for the buffer's creation; DuplicateId if another instance runs this request id.
+
+        While a client is connected the writer only keeps the frames; it writes them when the
+        client's socket drops, when a client resumes elsewhere, and at the end of the request.
+        """
+        opening, stream.opening = stream.opening, None
+        if opening is None:
+            return
         try:
-            await self._buffer.create(key)
+            await opening
         except DuplicateId:
             raise
         except GatewayError:
-            log.warning("resume buffer unavailable; request %s cannot be resumed", key.request_id)
-            return None
-        return BufferWriter(self._buffer, key, flush_interval=self._flush_interval)
+            log.warning("resume buffer unavailable; request %s cannot be resumed", stream.key.request_id)
+            return
+        stream.writer = BufferWriter(
+            self._buffer, stream.key, flush_interval=self._flush_interval, live=stream.owner is None
+        )
 
     @staticmethod
     def _end(
@@ -686,6 +724,9 @@ class StreamRegistry:
         """Flush the resume buffer, warn about the budget, unregister. Never raises."""
         key = stream.request.key
         try:
+            if stream.opening is not None:  # torn down before its first frame
+                stream.opening.cancel()
+                stream.opening = None
             if stream.writer is not None:
                 await stream.writer.aclose()
             if priced is not None and spend_before is not None:
