@@ -205,8 +205,13 @@ async def test_three_gateways_share_one_budget_exactly(
     path, tenant = tenants_file(tmp_path, {"requests_per_minute": rate_per_minute, "request_burst": burst})
     # Three gateways, Redis, the emulator and 24 clients share two cores here: a generous Redis
     # timeout keeps every decision in Redis (the point of this test), checked in the logs below.
+    # Clients retry at once when refused; the per-connection message cap is not under test here.
     base = gateway_settings(
-        emulator.url, tenants_file=path, redis_url=redis_server.url, redis_timeout_ms=2000
+        emulator.url,
+        tenants_file=path,
+        redis_url=redis_server.url,
+        redis_timeout_ms=2000,
+        max_messages_per_second=10_000,
     )
     fleet = [GatewayProcess(base.replace(port=free_port(), instance_id=f"gw{i}")) for i in range(3)]
     for gateway in fleet:

@@ -48,7 +48,7 @@ LITELLM_VENV = REPO / "loadtests" / ".litellm-venv"
 TOOLS_VENV = REPO / "loadtests" / ".tools-venv"
 PHASES = ("ttft", "cpu", "saturation", "shed", "idle", "request", "redis", "profile")
 PACED_DELAY_MS = 20.0  # 50 tokens/s, a fast model's pace
-GAP_SLACK_MS = 10.0  # a level holds when the gateway's inter-token p99 is within direct + this
+GAP_SLACK_MS = report.GAP_SLACK_MS
 GENEROUS = {
     "requests_per_minute": 10_000_000,
     "tokens_per_minute": 2_000_000_000,
@@ -479,6 +479,7 @@ class Bench:
         levels: list[dict[str, Any]] = []
         best: dict[str, int] = {"hubgate": 0, "litellm": 0}
         alive = {"hubgate": True, "litellm": self.litellm is not None}
+        delay = PACED_DELAY_MS
         for level in plan.sat_levels:
             if not any(alive.values()):
                 break
@@ -488,10 +489,11 @@ class Bench:
             )
             self.log(f"saturation direct x{level}", direct)
             row["direct"] = direct
-            if report.load_bound(direct, PACED_DELAY_MS):
-                # The floor itself lost the pace: nothing above this level can be compared.
-                levels.append(row)
-                break
+            levels.append(row)
+            ref = report.reference(levels, len(levels) - 1, delay)
+            if ref is None:
+                break  # the floor never kept the pace: nothing to judge against
+            row["reference_level"] = ref["level"]
             for system in ("hubgate", "litellm"):
                 if not alive[system]:
                     continue
@@ -499,8 +501,8 @@ class Bench:
                     system, concurrency=level, seconds=plan.sat_seconds, workload=workload
                 )
                 self.log(f"saturation {system} x{level}", summary)
-                holds = not summary["errors"] and summary["gap_p99_ms"] <= direct["gap_p99_ms"] + GAP_SLACK_MS
-                if not holds:
+                ok = report.holds(summary, ref, delay)
+                if not ok:
                     # The machine is shared: a level only fails if a second try fails too.
                     again = await self.measure(
                         "direct", concurrency=level, seconds=plan.sat_seconds, workload=workload
@@ -510,25 +512,24 @@ class Bench:
                     )
                     self.log(f"saturation direct x{level} (again)", again)
                     self.log(f"saturation {system} x{level} (again)", retry)
-                    holds = (
-                        not retry["errors"]
-                        and not report.load_bound(again, PACED_DELAY_MS)
-                        and retry["gap_p99_ms"] <= again["gap_p99_ms"] + GAP_SLACK_MS
-                    )
-                    if holds:
+                    if not report.load_bound(again, delay):
+                        ref = dict(again, level=level)
+                    ok = report.holds(retry, ref, delay)
+                    if ok:
                         summary, row["direct"] = retry, again
+                        row["reference_level"] = ref["level"]
                     summary["retried"] = True
-                summary["holds"] = holds
+                summary["holds"] = ok
                 row[system] = summary
-                if holds:
+                if ok:
                     best[system] = level
                 else:
                     alive[system] = False
-            levels.append(row)
         result: dict[str, Any] = {
             "workload": asdict(workload),
-            "criterion": f"inter-token p99 <= direct p99 + {GAP_SLACK_MS:g} ms at the same "
-            "concurrency, no errors",
+            "criterion": f"inter-token p99 <= direct p99 + {GAP_SLACK_MS:g} ms (direct at the same "
+            "concurrency, or at the largest lower one where the floor kept the pace), median gap at the "
+            "pace, load core not full, no errors",
             "levels": levels,
         }
         found = report.search(result)
