@@ -16,7 +16,6 @@ import aioboto3
 import aiohttp
 import orjson
 from botocore.config import Config
-from botocore.eventstream import EventStreamBuffer, ParserError
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -26,6 +25,7 @@ from botocore.exceptions import (
 
 from hubgate.errors import UpstreamError, UpstreamThrottled, UpstreamTimeout
 from hubgate.providers.base import Completion, ProviderRequest
+from hubgate.providers.eventstream import EventStreamError, MessageDecoder
 
 log = logging.getLogger("hubgate.bedrock")
 
@@ -98,14 +98,13 @@ async def decode_events(events: Any) -> AsyncGenerator[tuple[str, dict[str, Any]
 
     botocore's EventStream runs its shape parser on every event, which costs more CPU than
     everything else the gateway does per token. The messages are framed and checksummed by
-    botocore's own EventStreamBuffer, and each JSON payload is decoded once with orjson.
-    Exception and error messages raise the gateway's error for their code.
+    ``MessageDecoder``, and each JSON payload is decoded once with orjson. Exception and error
+    messages raise the gateway's error for their code.
     """
     raw = events._raw_stream  # the aiohttp response under botocore's EventStream
-    buffer = EventStreamBuffer()
+    decoder = MessageDecoder()
     async for chunk, _ in raw.content.iter_chunks():
-        buffer.add_data(chunk)
-        for message in buffer:
+        for message in decoder.feed(chunk):
             headers = message.headers
             kind = headers.get(":message-type")
             if kind == "event":
@@ -210,7 +209,7 @@ class BedrockProvider:
             # Bedrock always ends a good stream with messageStop then metadata; anything less
             # is a connection that broke, not a normal end.
             raise UpstreamError("the model stream ended before it was complete")
-        except ParserError as exc:
+        except (EventStreamError, orjson.JSONDecodeError) as exc:
             raise UpstreamError("the model stream was corrupted", retryable=False) from exc
         except (TimeoutError, ReadTimeoutError) as exc:
             raise UpstreamTimeout("the model stream stalled") from exc
