@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -120,6 +121,51 @@ async def test_tenant_stream_cap_across_connections(
         assert (await one.chat("s4", QUICK))[-1]["type"] == "end"
         await one.close()
         await two.close()
+
+
+async def test_a_full_tenant_is_refused_without_asking_redis_again(
+    emulator: EmulatorServer, mint: Mint, tmp_path: Path, fresh_redis_server: RedisServer
+) -> None:
+    """Once Redis says the tenant's stream cap is full, an instance refuses that tenant's next
+    requests itself for a moment (cheap refusals under overload); a slot freed on another
+    instance is usable within that moment."""
+    path, tenant = tenants_file(tmp_path, {"max_concurrent_streams": 1})
+    # Leases renewed far apart, so every EVALSHA below is an admission or a settlement.
+    base = gateway_settings(
+        emulator.url, tenants_file=path, redis_url=fresh_redis_server.url, lease_ttl_seconds=600
+    )
+    one, two = base, base.replace(port=free_port(), instance_id="two")
+    redis = Redis.from_url(fresh_redis_server.url)
+
+    async def evalsha_calls() -> int:
+        stats = await redis.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+    async with running_gateway(one), running_gateway(two):
+        holder = await Client.open(ws_url(one), mint(tenant))
+        other = await Client.open(ws_url(two), mint(tenant, "bob"))
+        await holder.send(slow_chat("held"))
+        while not holder.by_id["held"]:
+            await holder.next_frame()
+        assert (await other.chat("r1", QUICK))[-1]["code"] == "too_many_streams"  # Redis said so
+        before = await evalsha_calls()
+        assert (await other.chat("r2", QUICK))[-1]["code"] == "too_many_streams"  # instance two said so
+        assert await evalsha_calls() == before
+        assert (await holder.until_terminal("held"))[-1]["type"] == "end"
+        # The slot was freed on instance one; instance two admits again once its hold is over.
+        deadline = time.monotonic() + 10
+        attempt = 0
+        while True:
+            attempt += 1
+            frames = await other.chat(f"after{attempt}", QUICK)
+            if frames[-1]["type"] == "end":
+                break
+            assert frames[-1]["code"] == "too_many_streams"
+            assert time.monotonic() < deadline, "instance two never admitted the tenant again"
+            await asyncio.sleep(0.02)  # a client's back-off between attempts
+        await holder.close()
+        await other.close()
+    await redis.aclose()
 
 
 async def test_connection_cap(

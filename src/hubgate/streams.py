@@ -30,6 +30,7 @@ from hubgate.errors import (
     GatewayError,
     RequestError,
     StreamNotFound,
+    TooManyStreams,
     UpstreamError,
 )
 from hubgate.leases import LeaseKeeper
@@ -68,6 +69,10 @@ class Owner(Protocol):
 WATCH_INTERVAL = 0.5
 # How long a resuming reader waits on the buffer per read (and how often it says it is there).
 READER_POLL = 1.0
+# After the limiter refuses a tenant for its concurrent-stream cap, this instance refuses that
+# tenant's new requests itself, without asking Redis, for this long or until one of the tenant's
+# streams here ends: under overload, refusals stay cheap and admitted streams keep their latency.
+STREAM_CAP_HOLD = 0.1
 
 
 class OwnerGone(Exception):
@@ -197,6 +202,7 @@ class StreamRegistry:
         self._grace = grace_seconds
         self._flush_interval = flush_interval
         self.active: dict[StreamKey, ActiveStream] = {}
+        self._streams_full: dict[str, float] = {}  # tenant -> monotonic time its cap hold ends
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -545,7 +551,23 @@ class StreamRegistry:
         raise last_error
 
     async def _admit(self, request: StreamRequest, estimate: int) -> Admission:
-        """Admit through the limiter; a cancel during the call still gets the admission settled."""
+        """Admit through the limiter; a cancel during the call still gets the admission settled.
+
+        A tenant the limiter just refused for its stream cap is refused here for STREAM_CAP_HOLD.
+        """
+        key = request.key
+        held = self._streams_full.get(key.tenant)
+        if held is not None:
+            if time.monotonic() < held:
+                raise TooManyStreams("too many concurrent streams for this tenant")
+            del self._streams_full[key.tenant]
+        try:
+            return await self._admit_once(request, estimate)
+        except TooManyStreams:
+            self._streams_full[key.tenant] = time.monotonic() + STREAM_CAP_HOLD
+            raise
+
+    async def _admit_once(self, request: StreamRequest, estimate: int) -> Admission:
         key = request.key
         call = asyncio.ensure_future(
             self._limiter.admit(
@@ -671,6 +693,7 @@ class StreamRegistry:
                 input_tokens, output_tokens = (input_estimate, 0) if completion is not None else (0, 0)
             if admission is not None:
                 self._leases.discard(key.tenant, request.lease)
+                self._streams_full.pop(key.tenant, None)  # a slot is free again
                 await self._limiter.settle(
                     admission,
                     request.tenant.limits,
