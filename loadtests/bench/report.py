@@ -239,8 +239,11 @@ def evaluate(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-# A level holds when a system's inter-token p99 is within the floor's p99 + this.
+# A level holds when a system's inter-token p99 is within the floor's p99 + this...
 GAP_SLACK_MS = 10.0
+# ...and its time-to-first-token p99 within the floor's + this: streams that queue before their
+# first token (a full connection pool, a saturated core) are not streams the system holds.
+TTFT_SLACK_MS = 100.0
 
 
 def load_bound(direct: dict[str, Any], token_delay_ms: float) -> bool:
@@ -267,8 +270,12 @@ def reference(levels: list[dict[str, Any]], index: int, token_delay_ms: float) -
 
 def holds(summary: dict[str, Any], ref: dict[str, Any], token_delay_ms: float) -> bool:
     """A system holds a level: no errors, its own median gap at the emulator's pace and the load
-    core not full (else the load side, not the system, set its latency), p99 within ref + slack."""
-    within = summary["gap_p99_ms"] <= ref["gap_p99_ms"] + GAP_SLACK_MS
+    core not full (else the load side, not the system, set its latency), gap p99 and TTFT p99
+    within the reference's plus their slack."""
+    within = (
+        summary["gap_p99_ms"] <= ref["gap_p99_ms"] + GAP_SLACK_MS
+        and summary["ttft_p99_ms"] <= ref["ttft_p99_ms"] + TTFT_SLACK_MS
+    )
     return within and not load_bound(summary, token_delay_ms)
 
 

@@ -527,9 +527,10 @@ class Bench:
                     alive[system] = False
         result: dict[str, Any] = {
             "workload": asdict(workload),
-            "criterion": f"inter-token p99 <= direct p99 + {GAP_SLACK_MS:g} ms (direct at the same "
-            "concurrency, or at the largest lower one where the floor kept the pace), median gap at the "
-            "pace, load core not full, no errors",
+            "criterion": f"inter-token p99 <= direct p99 + {GAP_SLACK_MS:g} ms and TTFT p99 <= direct "
+            f"TTFT p99 + {report.TTFT_SLACK_MS:g} ms (direct at the same concurrency, or at the largest "
+            "lower one where the floor kept the pace), median gap at the pace, load core not full, no "
+            "errors",
             "levels": levels,
         }
         found = report.search(result)

@@ -92,6 +92,7 @@ class Settings:
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 60.0
     upstream_max_attempts: int = 1  # botocore attempts; 1 = no hidden retries of a 429
+    upstream_max_connections: int = 1024  # pooled connections per Bedrock client (one per route)
 
     # JWT
     jwt_hs256_secret: str | None = None
@@ -188,6 +189,9 @@ class Settings:
             ),
             upstream_read_timeout=_float(env, "UPSTREAM_READ_TIMEOUT", defaults.upstream_read_timeout),
             upstream_max_attempts=_int(env, "UPSTREAM_MAX_ATTEMPTS", defaults.upstream_max_attempts, 1),
+            upstream_max_connections=_int(
+                env, "UPSTREAM_MAX_CONNECTIONS", defaults.upstream_max_connections, 1
+            ),
             jwt_hs256_secret=_str(env, "JWT_HS256_SECRET", None),
             jwt_jwks_url=_str(env, "JWT_JWKS_URL", None),
             jwt_issuer=_str(env, "JWT_ISSUER", None),

@@ -113,18 +113,6 @@ def _retrieve(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
-async def _prepend(
-    first: str | Completion, rest: AsyncGenerator[str | Completion, None]
-) -> AsyncGenerator[str | Completion, None]:
-    """Yield an item already read, then the rest; closing it closes the upstream stream."""
-    try:
-        yield first
-        async for item in rest:
-            yield item
-    finally:
-        await rest.aclose()
-
-
 @dataclass(slots=True)
 class StreamRequest:
     """Everything a stream needs to run, resolved by the connection that received the chat."""
@@ -406,7 +394,7 @@ class StreamRegistry:
                 duration_ms=(time.monotonic() - received) * 1000,
                 reached_upstream=reached_upstream,
                 model=served_model,
-                reply_chars=sum(len(d) for d in deltas),
+                reply_chars=sum(map(len, deltas)),
             )
             if record is not None:
                 priced.append(record)
@@ -456,11 +444,10 @@ class StreamRegistry:
             upstream: AsyncGenerator[str | Completion, None] | None = None
             try:
                 reached_upstream = True
-                served_model, upstream = await self._open_upstream(request, provider_request)
-                async for item in upstream:
-                    if not started:
-                        started = True
-                        await self._emit(stream, frames.start(served_model, limits, chat.session))
+                served_model, item, upstream = await self._open_upstream(request, provider_request)
+                started = True
+                await self._emit(stream, frames.start(served_model, limits, chat.session))
+                while True:
                     if isinstance(item, str):
                         if ttft_ms is None:
                             ttft_ms = (time.monotonic() - received) * 1000
@@ -468,6 +455,10 @@ class StreamRegistry:
                         await self._emit(stream, frames.delta(item))
                     else:
                         completion = item
+                    try:
+                        item = await anext(upstream)
+                    except StopAsyncIteration:
+                        break
                 if completion is None:
                     raise UpstreamError("the model stream ended before it was complete")
                 if session is not None and completion.stop_reason != "cancelled":
@@ -506,11 +497,11 @@ class StreamRegistry:
 
     async def _open_upstream(
         self, request: StreamRequest, provider_request: ProviderRequest
-    ) -> tuple[str, AsyncGenerator[str | Completion, None]]:
+    ) -> tuple[str, str | Completion, AsyncGenerator[str | Completion, None]]:
         """Start the upstream stream: retry a throttle or server error before the first token with
         capped exponential backoff and full jitter, then try the fallback models in order.
 
-        Returns the model that serves and an iterator that replays the first item it already read.
+        Returns the model that serves, the first item it sent and the iterator of the rest.
         After the first token nothing is retried (the caller ends the stream with an error frame).
         """
         provider = await self._providers.provider_for(request.key.tenant, request.tenant.route)
@@ -544,7 +535,7 @@ class StreamRegistry:
                         "served by fallback model",
                         extra={"request_id": request.key.request_id, "model": model},
                     )
-                return model, _prepend(first, upstream)
+                return model, first, upstream
             if time.monotonic() >= deadline:
                 break
         assert last_error is not None

@@ -25,7 +25,7 @@ from botocore.exceptions import (
 
 from hubgate.errors import UpstreamError, UpstreamThrottled, UpstreamTimeout
 from hubgate.providers.base import Completion, ProviderRequest
-from hubgate.providers.eventstream import EventStreamError, MessageDecoder
+from hubgate.providers.eventstream import EventStreamError, Message, MessageDecoder
 
 log = logging.getLogger("hubgate.bedrock")
 
@@ -93,26 +93,21 @@ def converse_arguments(request: ProviderRequest) -> dict[str, Any]:
     return kwargs
 
 
-async def decode_events(events: Any) -> AsyncGenerator[tuple[str, dict[str, Any]], None]:
-    """(event type, payload) for each message of a ConverseStream response.
+def event_of(message: Message) -> tuple[str, dict[str, Any]]:
+    """(event type, payload) of one ConverseStream message; exception and error messages raise
+    the gateway's error for their code.
 
     botocore's EventStream runs its shape parser on every event, which costs more CPU than
-    everything else the gateway does per token. The messages are framed and checksummed by
-    ``MessageDecoder``, and each JSON payload is decoded once with orjson. Exception and error
-    messages raise the gateway's error for their code.
+    everything else the gateway does per token: messages are framed and checksummed by
+    ``MessageDecoder`` instead, and each JSON payload is decoded once with orjson.
     """
-    raw = events._raw_stream  # the aiohttp response under botocore's EventStream
-    decoder = MessageDecoder()
-    async for chunk, _ in raw.content.iter_chunks():
-        for message in decoder.feed(chunk):
-            headers = message.headers
-            kind = headers.get(":message-type")
-            if kind == "event":
-                yield str(headers.get(":event-type", "")), orjson.loads(message.payload or b"{}")
-            elif kind == "exception":
-                raise map_error_code(str(headers.get(":exception-type", "")))
-            else:
-                raise map_error_code(str(headers.get(":error-code", "")))
+    headers = message.headers
+    kind = headers.get(":message-type")
+    if kind == "event":
+        return str(headers.get(":event-type", "")), orjson.loads(message.payload or b"{}")
+    if kind == "exception":
+        raise map_error_code(str(headers.get(":exception-type", "")))
+    raise map_error_code(str(headers.get(":error-code", "")))
 
 
 class BedrockProvider:
@@ -126,7 +121,7 @@ class BedrockProvider:
         connect_timeout: float,
         read_timeout: float,
         max_attempts: int,
-        max_pool_connections: int = 256,
+        max_pool_connections: int = 1024,
         credentials: tuple[str, str] | None = None,
         session: aioboto3.Session | None = None,
     ) -> None:
@@ -186,26 +181,30 @@ class BedrockProvider:
 
         events = response["stream"]
         stop_reason: str | None = None
+        decoder = MessageDecoder()
         try:
-            async for event_type, event in decode_events(events):
-                if event_type == "contentBlockDelta":
-                    text = event.get("delta", {}).get("text")
-                    if text:
-                        yield text
-                    continue
-                if event_type == "messageStop":
-                    stop_reason = event.get("stopReason", "end_turn")
-                    continue
-                if event_type == "metadata":
-                    usage = event.get("usage", {})
-                    if stop_reason is None:
-                        break
-                    yield Completion(
-                        stop_reason=stop_reason,
-                        input_tokens=int(usage.get("inputTokens", 0)),
-                        output_tokens=int(usage.get("outputTokens", 0)),
-                    )
-                    return
+            # The aiohttp response under botocore's EventStream, read chunk by chunk.
+            async for chunk, _ in events._raw_stream.content.iter_chunks():
+                for message in decoder.feed(chunk):
+                    event_type, event = event_of(message)
+                    if event_type == "contentBlockDelta":
+                        text = event.get("delta", {}).get("text")
+                        if text:
+                            yield text
+                        continue
+                    if event_type == "messageStop":
+                        stop_reason = event.get("stopReason", "end_turn")
+                        continue
+                    if event_type == "metadata":
+                        if stop_reason is None:
+                            raise UpstreamError("the model stream ended before it was complete")
+                        usage = event.get("usage", {})
+                        yield Completion(
+                            stop_reason=stop_reason,
+                            input_tokens=int(usage.get("inputTokens", 0)),
+                            output_tokens=int(usage.get("outputTokens", 0)),
+                        )
+                        return
             # Bedrock always ends a good stream with messageStop then metadata; anything less
             # is a connection that broke, not a normal end.
             raise UpstreamError("the model stream ended before it was complete")

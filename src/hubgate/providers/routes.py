@@ -313,6 +313,7 @@ class RouteClients:
         connect_timeout: float,
         read_timeout: float,
         max_attempts: int,
+        max_connections: int = 1024,
         role_duration_seconds: int = DEFAULT_ROLE_SECONDS,
         advisory_refresh_seconds: float = DEFAULT_ADVISORY_SECONDS,
         mandatory_refresh_seconds: float = DEFAULT_MANDATORY_SECONDS,
@@ -335,6 +336,7 @@ class RouteClients:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._max_attempts = max_attempts
+        self._max_connections = max_connections
         self._duration = role_duration_seconds
         self._advisory = advisory_refresh_seconds
         self._mandatory = mandatory_refresh_seconds
@@ -358,6 +360,7 @@ class RouteClients:
             connect_timeout=settings.upstream_connect_timeout,
             read_timeout=settings.upstream_read_timeout,
             max_attempts=settings.upstream_max_attempts,
+            max_connections=settings.upstream_max_connections,
             **options,
         )
 
@@ -470,6 +473,7 @@ class RouteClients:
             connect_timeout=self._connect_timeout,
             read_timeout=self._read_timeout,
             max_attempts=self._max_attempts,
+            max_pool_connections=self._max_connections,
             session=session,
         )
         try:
