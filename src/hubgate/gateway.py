@@ -317,7 +317,9 @@ class Connection:
     async def _dispatch(self, message: protocol.ClientMessage) -> None:
         match message:
             case protocol.Chat():
-                self._start_chat(message)
+                refusal = self._start_chat(message)
+                if refusal is not None:
+                    await self._send(refusal)
             case protocol.Cancel():
                 await self._cancel(message.id)
             case protocol.Ping():
@@ -389,7 +391,9 @@ class Connection:
                 f"at most {self.settings.max_streams_per_connection} concurrent requests per connection"
             )
 
-    def _start_chat(self, chat: protocol.Chat) -> None:
+    def _start_chat(self, chat: protocol.Chat) -> str | None:
+        """Start the request; or the frame refusing it when this instance already knows the
+        tenant is at its stream cap."""
         if self.state is State.EXPIRED:
             raise TokenExpired("the token has expired; send `auth` with a fresh token")
         key = self._key(chat.id)
@@ -399,6 +403,9 @@ class Connection:
         _, tenant = self._who()
         model = chat.model or tenant.default_model
         self.s.tenants.check_model(tenant, model)
+        refusal = self.s.streams.refused_at_cap(chat.id, tenant.id)
+        if refusal is not None:
+            return refusal
         request = StreamRequest(
             key=key,
             tenant=tenant,
@@ -410,6 +417,7 @@ class Connection:
             fallbacks=self.s.tenants.fallbacks_for(tenant, model),
         )
         self.s.streams.start(request, self)
+        return None
 
     async def _resume(self, message: protocol.Resume) -> None:
         key = self._key(message.id)

@@ -73,6 +73,7 @@ READER_POLL = 1.0
 # tenant's new requests itself, without asking Redis, for this long or until one of the tenant's
 # streams here ends: under overload, refusals stay cheap and admitted streams keep their latency.
 STREAM_CAP_HOLD = 0.1
+_STREAM_CAP_MESSAGE = "too many concurrent streams for this tenant"
 
 
 class OwnerGone(Exception):
@@ -211,6 +212,18 @@ class StreamRegistry:
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
+
+    def refused_at_cap(self, request_id: str, tenant: str) -> str | None:
+        """The refusal frame for a new request of a tenant held at its stream cap (see `_admit`),
+        or None. Answering here, before any task is made, keeps refusals cheap under overload."""
+        held = self._streams_full.get(tenant)
+        if held is None:
+            return None
+        if time.monotonic() >= held:
+            del self._streams_full[tenant]
+            return None
+        self._metrics.decision(TooManyStreams.code)
+        return protocol.FrameBuilder(request_id).error(TooManyStreams.code, _STREAM_CAP_MESSAGE)
 
     # ------------------------------------------------------------------ attaching
 
@@ -550,7 +563,7 @@ class StreamRegistry:
         held = self._streams_full.get(key.tenant)
         if held is not None:
             if time.monotonic() < held:
-                raise TooManyStreams("too many concurrent streams for this tenant")
+                raise TooManyStreams(_STREAM_CAP_MESSAGE)
             del self._streams_full[key.tenant]
         try:
             return await self._admit_once(request, estimate)
