@@ -490,6 +490,8 @@ class StreamRegistry:
         except asyncio.CancelledError:
             if not stream.cancel_requested:
                 raise
+            with contextlib.suppress(DuplicateId):  # then the cancelled request is not resumable
+                await self._open_writer(stream)
             completion = Completion("cancelled", input_estimate, len(deltas))
             if not started:
                 await self._emit(stream, frames.start(request.model, None, chat.session))
