@@ -108,6 +108,20 @@ class RetryPolicy:
         return random.uniform(0.0, min(self.cap, self.base * 2**attempt))
 
 
+def _go_live(stream: ActiveStream) -> None:
+    """Hand a writer that kept nothing yet the frames so far (sent in one append), then every new one.
+
+    Until then the frames live only in ``stream.frames``: nothing per token for a connected client.
+    """
+    writer = stream.writer
+    if writer is None or writer.live:
+        return
+    last = len(stream.frames) - 1
+    for seq, text in enumerate(stream.frames):
+        writer.push(BufferedFrame(seq, text.encode(), stream.ended and seq == last))
+    writer.go_live()
+
+
 def _retrieve(task: asyncio.Task[None]) -> None:
     """Mark a background task's exception as seen (whoever awaits it still gets it)."""
     if not task.cancelled():
@@ -135,6 +149,7 @@ class ActiveStream:
     owner: Owner | None = None  # the connection frames go to; None while detached
     task: asyncio.Task[None] | None = None
     writer: BufferWriter | None = None
+    ended: bool = False  # its terminal frame is in `frames`
     opening: asyncio.Task[None] | None = None  # the resume buffer being created
     cancel_requested: bool = False
     running: bool = False  # the task has begun: cancelling it now runs its cleanup
@@ -216,14 +231,19 @@ class StreamRegistry:
     def refused_at_cap(self, request_id: str, tenant: str) -> str | None:
         """The refusal frame for a new request of a tenant held at its stream cap (see `_admit`),
         or None. Answering here, before any task is made, keeps refusals cheap under overload."""
-        held = self._streams_full.get(tenant)
-        if held is None:
-            return None
-        if time.monotonic() >= held:
-            del self._streams_full[tenant]
+        if not self._cap_held(tenant):
             return None
         self._metrics.decision(TooManyStreams.code)
         return protocol.FrameBuilder(request_id).error(TooManyStreams.code, _STREAM_CAP_MESSAGE)
+
+    def _cap_held(self, tenant: str) -> bool:
+        held = self._streams_full.get(tenant)
+        if held is None:
+            return False
+        if time.monotonic() < held:
+            return True
+        del self._streams_full[tenant]
+        return False
 
     # ------------------------------------------------------------------ attaching
 
@@ -239,8 +259,7 @@ class StreamRegistry:
 
     def _detach(self, stream: ActiveStream) -> None:
         stream.owner = None
-        if stream.writer is not None:
-            stream.writer.go_live()  # the client will likely resume, maybe on another instance
+        _go_live(stream)  # the client will likely resume, maybe on another instance
         if stream.watcher is None and not stream.finished:
             stream.watcher = asyncio.create_task(self._watch_detached(stream))
 
@@ -309,8 +328,8 @@ class StreamRegistry:
 
     def _reader_waiting(self, key: StreamKey) -> None:
         stream = self.active.get(key)
-        if stream is not None and stream.writer is not None:
-            stream.writer.go_live()
+        if stream is not None:
+            _go_live(stream)
 
     async def _reader_heartbeat(self, key: StreamKey) -> None:
         while True:
@@ -367,7 +386,8 @@ class StreamRegistry:
             await conclude()
         seq = len(stream.frames)
         stream.frames.append(text)
-        if stream.writer is not None:
+        stream.ended = terminal
+        if stream.writer is not None and stream.writer.live:
             stream.writer.push(BufferedFrame(seq, text.encode(), terminal))
         owner = stream.owner
         if owner is not None:
@@ -562,11 +582,8 @@ class StreamRegistry:
         A tenant the limiter just refused for its stream cap is refused here for STREAM_CAP_HOLD.
         """
         key = request.key
-        held = self._streams_full.get(key.tenant)
-        if held is not None:
-            if time.monotonic() < held:
-                raise TooManyStreams(_STREAM_CAP_MESSAGE)
-            del self._streams_full[key.tenant]
+        if self._cap_held(key.tenant):
+            raise TooManyStreams(_STREAM_CAP_MESSAGE)
         try:
             return await self._admit_once(request, estimate)
         except TooManyStreams:
@@ -757,6 +774,7 @@ class StreamRegistry:
                 stream.opening.cancel()
                 stream.opening = None
             if stream.writer is not None:
+                _go_live(stream)
                 await stream.writer.aclose()
             if priced is not None and spend_before is not None:
                 await self._warn_budget(stream, spend_before, priced)
