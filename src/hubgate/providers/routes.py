@@ -2,13 +2,18 @@
 
 ``RouteClients`` is the gateway's :class:`~hubgate.providers.base.ProviderResolver`. Tenants
 without a route share the hub's client (the hub's own credentials). A route gets its own
-``BedrockProvider``, created on its first request and kept until shutdown:
+``BedrockProvider``, created on its first request:
 
 - without ``role_arn`` it signs with the hub's credentials, against the route's region or
   endpoint; tenants with the same region and endpoint share the client;
 - with ``role_arn`` the hub calls STS ``AssumeRole`` for the tenant (session name and tag carry
   the tenant id, so it is one client per tenant and role) and signs with those credentials,
   which are refreshed before they expire (see :class:`_AssumedRole`).
+
+A route client is kept while some tenant's requests resolve to it. Once none does (every tenant
+that used it resolved to another route last), it is closed, with its credential refresher, as
+soon as no stream runs on it and it has not been handed out for a grace period (see
+:func:`retirement_delay`); until shutdown otherwise.
 
 STS and botocore types stay in this module; a failure to assume a role reaches the client as
 ``UpstreamError("cannot assume the tenant's role")``, never with the ARN or STS's message.
@@ -24,7 +29,10 @@ import logging
 import re
 import time
 import unicodedata
+from collections import Counter
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import aioboto3
@@ -35,7 +43,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from hubgate.errors import UpstreamError
-from hubgate.providers.base import Provider, Route
+from hubgate.providers.base import Completion, Provider, ProviderRequest, Route
 from hubgate.providers.bedrock import BedrockProvider
 from hubgate.settings import Settings
 
@@ -68,6 +76,12 @@ _RETRY_MAX_SECONDS = 300.0
 # Credentials this close to expiry are not handed out again after a failed refresh: a request
 # signed with them could arrive after they lapse.
 _MIN_VALID_SECONDS = 30.0
+
+# A route client no tenant maps to any more stays open this long after it was last handed out or
+# last streamed. A request holds its client from resolving it to its last upstream attempt, and
+# between attempts no stream runs on it: the grace must outlast the longest retry pause (each is
+# at most the whole retry phase, HUBGATE_UPSTREAM_RETRY_MAX_SECONDS, 10 s by default).
+DEFAULT_RETIRE_GRACE_SECONDS = 60.0
 
 # STS calls are small and sit in front of a user's first token: short timeouts, and botocore's
 # standard retries (throttling and transient errors, with backoff) for three attempts in all.
@@ -149,6 +163,52 @@ def route_target(
         external_id=route.external_id,
         tenant=tenant_id,
     )
+
+
+def retirement_delay(streams: int, last_used: float, now: float, grace: float) -> float | None:
+    """When a route client no tenant maps to any more may be closed (pure).
+
+    None while a stream runs on it (it is looked at again when the stream ends); otherwise the
+    seconds left of ``grace`` since it was ``last_used`` (handed out, or a stream on it ended),
+    0 meaning now.
+    """
+    if streams:
+        return None
+    return max(0.0, last_used + grace - now)
+
+
+class RouteAssignments:
+    """The target each tenant's requests resolved to last, and how many tenants map to each.
+
+    Plain bookkeeping (no I/O): :meth:`assign` says when a target has just lost its last tenant.
+    Tenants on the hub's client (target None) are not recorded.
+    """
+
+    def __init__(self) -> None:
+        self._targets: dict[str, Target] = {}
+        self._tenants: Counter[Target] = Counter()
+
+    def __contains__(self, target: object) -> bool:
+        return target in self._tenants
+
+    def assign(self, tenant_id: str, target: Target | None) -> Target | None:
+        """Record that ``tenant_id`` resolves to ``target`` now; return the target it left when no
+        tenant maps to that one any more, else None."""
+        previous = self._targets.get(tenant_id)
+        if previous == target:
+            return None
+        if target is None:
+            del self._targets[tenant_id]
+        else:
+            self._targets[tenant_id] = target
+            self._tenants[target] += 1
+        if previous is None:
+            return None
+        self._tenants[previous] -= 1
+        if self._tenants[previous]:
+            return None
+        del self._tenants[previous]
+        return previous
 
 
 def _utcnow() -> datetime.datetime:
@@ -298,11 +358,65 @@ class _AssumedRole:
                 backoff = self._retry
 
 
+# --- route clients -----------------------------------------------------------------------------
+
+
+class RouteClient:
+    """A route's Bedrock client as the resolver hands it out.
+
+    It counts the streams running on it (a stream counts from its first item being asked for until
+    the iterator is exhausted or closed), so the resolver never closes it under one, and it owns
+    the route's credential refresher, if any, which is stopped with it.
+    """
+
+    def __init__(
+        self, provider: BedrockProvider, role: _AssumedRole | None, on_idle: Callable[[], None]
+    ) -> None:
+        self._provider = provider
+        self._role = role
+        self._on_idle = on_idle
+        self._closed = asyncio.Event()
+        self.streams = 0
+        self.last_used = time.monotonic()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    async def wait_closed(self) -> None:
+        """Return once the client (its connection pool and credential refresher) is closed."""
+        await self._closed.wait()
+
+    async def stream(self, request: ProviderRequest) -> AsyncGenerator[str | Completion, None]:
+        self.streams += 1
+        try:
+            # Closing this iterator closes the provider's at once (the upstream HTTP stream).
+            async with contextlib.aclosing(self._provider.stream(request)) as upstream:
+                async for item in upstream:
+                    yield item
+        finally:
+            self.streams -= 1
+            self.last_used = time.monotonic()
+            if not self.streams:
+                self._on_idle()
+
+    async def aclose(self) -> None:
+        try:
+            await self._provider.aclose()
+        finally:
+            if self._role is not None:
+                await self._role.aclose()
+            self._closed.set()
+
+
 # --- the resolver ------------------------------------------------------------------------------
 
 
 class RouteClients:
-    """A :class:`ProviderResolver` with one long-lived Bedrock client per route (see module doc)."""
+    """A :class:`ProviderResolver` with one long-lived Bedrock client per route (see module doc).
+
+    Route clients are :class:`RouteClient`; the hub's own is a plain ``BedrockProvider``.
+    """
 
     def __init__(
         self,
@@ -318,18 +432,23 @@ class RouteClients:
         advisory_refresh_seconds: float = DEFAULT_ADVISORY_SECONDS,
         mandatory_refresh_seconds: float = DEFAULT_MANDATORY_SECONDS,
         retry_seconds: float = DEFAULT_RETRY_SECONDS,
+        retire_grace_seconds: float = DEFAULT_RETIRE_GRACE_SECONDS,
     ) -> None:
         """``role_duration_seconds``: AssumeRole DurationSeconds (900..3600 under role chaining).
 
         ``advisory_refresh_seconds`` / ``mandatory_refresh_seconds``: how long before expiry
         assumed-role credentials are refreshed in the background / by every request (botocore's
         windows). ``retry_seconds``: after a failed AssumeRole, how long the result stands before
-        STS is asked again.
+        STS is asked again. ``retire_grace_seconds``: how long a route client no tenant maps to
+        any more stays open after its last use (longer than any pause between a request's
+        upstream attempts).
         """
         if not 0 < mandatory_refresh_seconds < advisory_refresh_seconds < role_duration_seconds:
             raise ValueError(
                 "need 0 < mandatory_refresh_seconds < advisory_refresh_seconds < role_duration_seconds"
             )
+        if retire_grace_seconds < 0:
+            raise ValueError("need retire_grace_seconds >= 0")
         self._region = region
         self._endpoint_url = bedrock_endpoint_url
         self._sts_endpoint_url = sts_endpoint_url
@@ -341,18 +460,26 @@ class RouteClients:
         self._advisory = advisory_refresh_seconds
         self._mandatory = mandatory_refresh_seconds
         self._retry = retry_seconds
+        self._grace = retire_grace_seconds
         self._stack = contextlib.AsyncExitStack()
         self._session: aioboto3.Session | None = None
         self._sts: Any = None
         self._hub: BedrockProvider | None = None
-        self._providers: dict[Target, BedrockProvider] = {}
+        self._providers: dict[Target, RouteClient] = {}
         self._locks: dict[Target, asyncio.Lock] = {}
         self._failures: dict[Target, float] = {}  # monotonic time of a failed creation
+        self._assignments = RouteAssignments()
+        self._timers: dict[Target, asyncio.TimerHandle] = {}  # a retirement waiting for its grace
+        self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
 
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> RouteClients:
         """Built from the hub's settings; ``options`` are the tuning keywords of ``__init__``."""
+        # No retry pause is longer than the whole retry phase.
+        options.setdefault(
+            "retire_grace_seconds", max(DEFAULT_RETIRE_GRACE_SECONDS, settings.upstream_retry_max_seconds)
+        )
         return cls(
             region=settings.aws_region,
             bedrock_endpoint_url=settings.bedrock_endpoint_url,
@@ -366,7 +493,7 @@ class RouteClients:
 
     @property
     def clients(self) -> int:
-        """Bedrock clients open now, the hub's included."""
+        """Bedrock clients open now, the hub's included (not those being closed)."""
         return len(self._providers) + (self._hub is not None)
 
     async def start(self) -> None:
@@ -383,10 +510,14 @@ class RouteClients:
         if self._closed or self._hub is None:
             raise UpstreamError("the gateway is not serving requests", retryable=False)
         target = route_target(tenant_id, route, hub_region=self._region, hub_endpoint_url=self._endpoint_url)
+        left = self._assignments.assign(tenant_id, target)
+        if left is not None:  # the tenant's route changed and no other tenant uses the old one
+            self._consider(left)
         if target is None:
             return self._hub
         provider = self._providers.get(target)
         if provider is not None:
+            provider.last_used = time.monotonic()
             return provider
         # One lock per target: a slow AssumeRole for one tenant holds up only that tenant's first
         # requests, and concurrent first requests wait for the one client rather than each making one.
@@ -394,6 +525,7 @@ class RouteClients:
         async with lock:
             provider = self._providers.get(target)
             if provider is not None:
+                provider.last_used = time.monotonic()
                 return provider
             failed_at = self._failures.get(target)
             if failed_at is not None and time.monotonic() - failed_at < self._retry:
@@ -416,24 +548,68 @@ class RouteClients:
                     "assumed_role": target.role_arn is not None,
                 },
             )
+            # The tenant may have moved to another route while this one was being created.
+            self._consider(target)
             return provider
 
     async def aclose(self) -> None:
         """Close every client: the routes', the hub's and STS."""
         self._closed = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         providers, self._providers = list(self._providers.values()), {}
         for provider in providers:
             await provider.aclose()
+        await asyncio.gather(*self._closing, return_exceptions=True)
         if self._hub is not None:
             await self._hub.aclose()
             self._hub = None
         await self._stack.aclose()
         self._sts = None
 
-    async def _create(self, target: Target) -> BedrockProvider:
+    def _consider(self, target: Target) -> None:
+        """Close the client of a target no tenant maps to any more, once :func:`retirement_delay`
+        allows; otherwise look again when it does (or when its last stream ends)."""
+        timer = self._timers.pop(target, None)
+        if timer is not None:
+            timer.cancel()
+        client = self._providers.get(target)
+        if self._closed or client is None or target in self._assignments:
+            return
+        delay = retirement_delay(client.streams, client.last_used, time.monotonic(), self._grace)
+        if delay is None:
+            return
+        if delay > 0:
+            self._timers[target] = asyncio.get_running_loop().call_later(delay, self._consider, target)
+            return
+        # Decided and removed without an await in between: a request resolving this target from
+        # now on gets a new client, and none got this one within the grace. The target's lock is
+        # kept: a request woken on it must create the next client under that same lock.
+        del self._providers[target]
+        task = asyncio.create_task(client.aclose(), name="hubgate-route-client-close")
+        self._closing.add(task)
+        task.add_done_callback(self._closed_one)
+        log.info(
+            "route client closed",
+            extra={
+                "tenant": target.tenant,
+                "region": target.region,
+                "assumed_role": target.role_arn is not None,
+            },
+        )
+
+    def _closed_one(self, task: asyncio.Task[None]) -> None:
+        self._closing.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("closing a route client failed (%s)", type(exc).__name__)
+
+    async def _create(self, target: Target) -> RouteClient:
         assert self._session is not None
+        on_idle = partial(self._consider, target)
         if target.role_arn is None or target.tenant is None:
-            return await self._new_provider(target.region, target.endpoint_url, self._session)
+            provider = await self._new_provider(target.region, target.endpoint_url, self._session)
+            return RouteClient(provider, None, on_idle)
         role = _AssumedRole(
             self._sts,
             tenant_id=target.tenant,
@@ -460,9 +636,7 @@ class RouteClients:
             await provider.aclose()
             await role.aclose()
             raise UpstreamError("the gateway is not serving requests", retryable=False)
-        # The refresher lives as long as the client.
-        self._stack.push_async_callback(role.aclose)
-        return provider
+        return RouteClient(provider, role, on_idle)  # the refresher lives as long as the client
 
     async def _new_provider(
         self, region: str, endpoint_url: str | None, session: aioboto3.Session
