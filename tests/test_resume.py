@@ -25,6 +25,7 @@ from hubgate.resume import (
     StreamBuffer,
     StreamKey,
     continuation,
+    header_key,
     replay,
     stream_key,
     valid_request_id,
@@ -264,15 +265,17 @@ async def test_redis_ttl_is_set_and_refreshed_by_append(redis_server: RedisServe
         buf = RedisStreamBuffer(client, ttl_seconds=300, max_frames=100)
         key = StreamKey(f"t-{uuid.uuid4().hex[:8]}", "u", "r")
         await buf.create(key)
-        name = stream_key(key)
-        assert 299_000 < await client.pttl(name) <= 300_000
-        assert await client.type(name) in (b"stream", "stream")
-        await client.pexpire(name, 5_000)
+        name, header = stream_key(key), header_key(key)
+        assert 299_000 < await client.pttl(header) <= 300_000
+        assert not await client.exists(name)  # the frames' stream comes with the first append
+        await client.pexpire(header, 5_000)
         await buf.append(key, frames(0, 2))
         assert 299_000 < await client.pttl(name) <= 300_000
+        assert 299_000 < await client.pttl(header) <= 300_000
+        assert await client.type(name) in (b"stream", "stream")
         entries = await client.xrange(name)
         # One entry per append: the batch's first seq, its frames newline-separated, the terminal flag.
-        assert [fields for _, fields in entries or ()][1:] == [
+        assert [fields for _, fields in entries or ()] == [
             {b"s": b"0", b"d": frame(0).data + b"\n" + frame(1).data, b"t": b"0"},
         ]
     finally:
@@ -287,9 +290,10 @@ async def test_redis_expired_buffer_is_not_found_and_not_recreated_by_append(
         buf = RedisStreamBuffer(client, ttl_seconds=60, max_frames=100)
         key = StreamKey(f"t-{uuid.uuid4().hex[:8]}", "u", "r")
         await buf.create(key)
-        await client.delete(stream_key(key))  # what expiry does, without waiting for it
+        await buf.append(key, frames(0, 1))
+        await client.delete(stream_key(key), header_key(key))  # what expiry does, without waiting for it
         with pytest.raises(StreamNotFound):
-            await buf.append(key, frames(0, 1))
+            await buf.append(key, frames(1, 2))
         assert not await client.exists(stream_key(key))
         with pytest.raises(StreamNotFound):
             await buf.read(key, -1, block_seconds=0)

@@ -13,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 from websockets.exceptions import ConnectionClosed
 
-from hubgate.resume import StreamKey, stream_key
+from hubgate.resume import StreamKey, header_key, stream_key
 from tests.conftest import ws_url
 from tests.support.client import Client, seqs_of, text_of
 from tests.support.emulator_server import EmulatorServer
@@ -262,8 +262,9 @@ async def test_frames_reach_redis_only_once_someone_may_resume(
         await first.send(slow_reply(request_id, words, delay_ms=20))
         await read_until(first, request_id, 30)  # 0.6 s of tokens: past two flush intervals
         assert first.by_id[request_id][-1]["type"] == "delta"
-        name = stream_key(StreamKey("acme", "alice", request_id))
-        assert await redis.xlen(name) == 1  # the header alone
+        key = StreamKey("acme", "alice", request_id)
+        assert await redis.exists(header_key(key)) == 1  # the buffer exists (its header)...
+        assert await redis.exists(stream_key(key)) == 0  # ...with no frame written
 
         second = await Client.open(ws_url(two), mint("acme", "alice"))
         after = first.by_id[request_id][-1]["seq"]

@@ -26,10 +26,11 @@ from hubgate.metrics import Metrics
 from hubgate.playground import playground_routes
 from hubgate.providers.base import Provider, ProviderResolver, SingleProvider
 from hubgate.providers.routes import RouteClients
-from hubgate.ratelimit import build_limiter
+from hubgate.ratelimit import build_limiter, limiter_client
 from hubgate.ratelimit.resilient import ResilientLimiter
 from hubgate.registry import Registry, build_registry
 from hubgate.resume import MemoryStreamBuffer, RedisStreamBuffer, StreamBuffer
+from hubgate.scripts import ScriptRunner
 from hubgate.sessions import HistoryPolicy, MemorySessionStore, RedisSessionStore, SessionStore
 from hubgate.settings import Settings
 from hubgate.streams import RetryPolicy, StreamRegistry
@@ -113,6 +114,18 @@ def create_app(
             await verifier.start()
             stack.push_async_callback(verifier.aclose)
 
+            # Scripts of the limiter, the resume buffer and metering run on one client, so that
+            # the calls a request makes at once (its settlement, last frames and usage) leave in
+            # one pipeline.
+            scripts: ScriptRunner | None = None
+            if settings.redis_url is not None:
+                decisions = limiter_client(
+                    settings.redis_url,
+                    timeout_ms=settings.redis_timeout_ms,
+                    max_connections=settings.redis_max_connections,
+                )
+                stack.push_async_callback(decisions.aclose)
+                scripts = ScriptRunner(decisions)
             limiter = build_limiter(
                 settings.redis_url,
                 mode=settings.rate_limit_failure_mode,
@@ -120,6 +133,7 @@ def create_app(
                 timeout_ms=settings.redis_timeout_ms,
                 max_connections=settings.redis_max_connections,
                 lease_ttl=settings.lease_ttl_seconds,
+                runner=scripts,
             )
             stack.push_async_callback(limiter.aclose)
 
@@ -131,7 +145,7 @@ def create_app(
             buffer: StreamBuffer
             store: UsageStore
             if settings.redis_url is not None:
-                # A client of its own, apart from the limiter's: resume reads block (XREAD BLOCK)
+                # A client of its own, apart from the scripts': resume reads block (XREAD BLOCK)
                 # for up to a second, far longer than a limiter decision may take.
                 # Blocking pool: at its cap a caller waits briefly for a free connection instead of
                 # failing at once (redis-py's default pool raises MaxConnectionsError). Resume readers
@@ -148,9 +162,12 @@ def create_app(
                 stack.push_async_callback(redis.aclose)
                 sessions = RedisSessionStore(redis, HistoryPolicy.from_settings(settings))
                 buffer = RedisStreamBuffer(
-                    redis, ttl_seconds=settings.resume_ttl_seconds, max_frames=settings.resume_max_frames
+                    redis,
+                    ttl_seconds=settings.resume_ttl_seconds,
+                    max_frames=settings.resume_max_frames,
+                    runner=scripts,
                 )
-                store = RedisUsageStore(redis)
+                store = RedisUsageStore(redis, runner=scripts)
             else:
                 sessions = MemorySessionStore(HistoryPolicy.from_settings(settings))
                 buffer = MemoryStreamBuffer(
@@ -215,6 +232,9 @@ def create_app(
                 limiter_fallbacks=(
                     (lambda: limiter.stats.fallbacks) if isinstance(limiter, ResilientLimiter) else None
                 ),
+                redis_scripts=None
+                if scripts is None
+                else (scripts.counter("calls"), scripts.counter("batches")),
             )
             stack.push_async_callback(streams.cancel_all)
             watchdog = asyncio.create_task(watch_slow_clients(services), name="hubgate-slow-clients")

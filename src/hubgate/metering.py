@@ -25,7 +25,9 @@ import yaml
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from hubgate.keys import tenant_tag
 from hubgate.metrics import Metrics
+from hubgate.scripts import Script, ScriptRunner
 
 log = logging.getLogger("hubgate.metering")
 emf_log = logging.getLogger("hubgate.emf")
@@ -315,7 +317,7 @@ class MemoryUsageStore:
 
 # Adds one record to its day and month hashes, once: the request id is remembered for a day, so a
 # retried write (after a timeout whose outcome is unknown) never counts a request twice.
-_ADD_SCRIPT = """
+_ADD_SCRIPT = Script.of("""
 if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', 86400) then
   return 0
 end
@@ -333,26 +335,27 @@ redis.call('HINCRBY', KEYS[2], 'tokens', ARGV[#ARGV - 2])
 redis.call('HINCRBYFLOAT', KEYS[2], 'cost_usd', ARGV[#ARGV - 1])
 redis.call('EXPIRE', KEYS[2], ARGV[#ARGV])
 return 1
-"""
+""")
 
 
 class RedisUsageStore:
     """``{t:<tenant>}:usage:<day>`` hashes of (model, user, counter), ``{t:<tenant>}:spend:<month>``."""
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis, *, runner: ScriptRunner | None = None) -> None:
         self._client = client
-        self._add = client.register_script(_ADD_SCRIPT)
+        # Shared with the limiter when given: a request's aggregate write joins its settlement.
+        self._runner = ScriptRunner(client) if runner is None else runner
 
     @staticmethod
     def _day_key(tenant: str, day: str) -> str:
-        return f"{{t:{tenant}}}:usage:{day}"
+        return f"{tenant_tag(tenant)}:usage:{day}"
 
     @staticmethod
     def _month_key(tenant: str, month: str) -> str:
-        return f"{{t:{tenant}}}:spend:{month}"
+        return f"{tenant_tag(tenant)}:spend:{month}"
 
     async def add(self, record: UsageRecord) -> None:
-        tag = f"{{t:{record.tenant}}}"
+        tag = tenant_tag(record.tenant)
         keys = [
             self._day_key(record.tenant, day_of(record.timestamp)),
             self._month_key(record.tenant, month_of(record.timestamp)),
@@ -362,7 +365,7 @@ class RedisUsageStore:
         for name, value in record_increments(record).items():
             args += [name, repr(float(value)) if name.endswith("cost_usd") else int(value)]
         args += [record.input_tokens + record.output_tokens, repr(record.cost_usd), AGGREGATE_TTL_SECONDS]
-        await self._add(keys=keys, args=args)
+        await self._runner.run(_ADD_SCRIPT, keys, args)
 
     async def month_spend(self, tenant: str, month: str) -> Spend:
         tokens, cost = await self._client.hmget(self._month_key(tenant, month), ["tokens", "cost_usd"])
@@ -419,6 +422,9 @@ class Meter(Protocol):
     def record(self, usage: UsageRecord) -> UsageRecord:
         """Price and account one finished request; returns the priced record. Never blocks."""
         ...
+
+
+_WRITE_BATCH = 256  # aggregate writes in flight at once
 
 
 class Metering:
@@ -486,12 +492,19 @@ class Metering:
         return priced
 
     async def _write_aggregates(self) -> None:
+        """Write what is queued, all of it at once (one pipeline when the store shares Redis)."""
         while True:
-            record = await self._queue.get()
+            records = [await self._queue.get()]
+            while len(records) < _WRITE_BATCH and not self._queue.empty():
+                records.append(self._queue.get_nowait())
             try:
-                await self._add_with_retry(record)
+                if len(records) == 1:  # from this task: joins the calls its request makes now
+                    await self._add_with_retry(records[0])
+                else:
+                    await asyncio.gather(*(self._add_with_retry(record) for record in records))
             finally:
-                self._queue.task_done()
+                for _ in records:
+                    self._queue.task_done()
 
     async def _add_with_retry(self, record: UsageRecord) -> None:
         for attempt in range(3):

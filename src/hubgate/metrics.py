@@ -83,14 +83,24 @@ class Metrics:
         connections: Callable[[], float],
         streams: Callable[[], float],
         limiter_fallbacks: Callable[[], float] | None = None,
+        redis_scripts: tuple[Callable[[], float], Callable[[], float]] | None = None,
     ) -> None:
-        """Gauges read live state at scrape time: nothing is counted on the hot path."""
+        """Gauges read live state at scrape time: nothing is counted on the hot path.
+
+        ``redis_scripts``: the script calls made and the round trips (pipelines) they took.
+        """
         self.connections.set_function(connections)
         self.streams.set_function(streams)
         if limiter_fallbacks is not None:
             self._callbacks.sources.append(
                 ("hubgate_limiter_fallbacks", "Limiter decisions made without Redis", limiter_fallbacks)
             )
+        if redis_scripts is not None:
+            calls, batches = redis_scripts
+            self._callbacks.sources += [
+                ("hubgate_redis_script_calls", "Lua script calls sent to Redis", calls),
+                ("hubgate_redis_round_trips", "Pipelines those calls left in", batches),
+            ]
 
     def observe_request(self, record: UsageRecord) -> None:
         tenant, model = record.tenant, record.model

@@ -30,6 +30,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from hubgate.errors import DuplicateId, InternalError, InvalidMessage, StreamNotFound
+from hubgate.keys import Claim, tenant_tag
+from hubgate.scripts import Script, ScriptRunner
 
 logger = logging.getLogger(__name__)
 
@@ -79,15 +81,18 @@ def valid_request_id(request_id: str) -> bool:
 
 
 def stream_key(key: StreamKey) -> str:
-    """The Redis key of one buffer: ``{t:<tenant>}:rs:<user>:<request_id>``.
+    """The Redis key of one buffer's frames: ``{t:<tenant>}:rs:<user>:<request_id>``.
 
-    Each part is percent-encoded: ordinary ids are unchanged, but user ``a`` with request ``b:c``
-    and user ``a:b`` with request ``c`` get different keys, and a ``}`` cannot move a key out of
-    its tenant's Redis Cluster hash slot.
+    User and request id are percent-encoded: ordinary ids are unchanged, but user ``a`` with
+    request ``b:c`` and user ``a:b`` with request ``c`` get different keys. The tenant's hash tag
+    (``tenant_tag``) keeps every key of the tenant in one Redis Cluster slot.
     """
-    return (
-        f"{{t:{quote(key.tenant, safe='')}}}:rs:{quote(key.user, safe='')}:{quote(key.request_id, safe='')}"
-    )
+    return f"{tenant_tag(key.tenant)}:rs:{quote(key.user, safe='')}:{quote(key.request_id, safe='')}"
+
+
+def header_key(key: StreamKey) -> str:
+    """The key that says a buffer exists (its claim), beside the frames in the same hash slot."""
+    return stream_key(key) + ":h"
 
 
 def check_after(after: int) -> None:
@@ -129,8 +134,14 @@ def continuation(after: int, frames: Sequence[BufferedFrame], *, ended: bool) ->
 class StreamBuffer(Protocol):
     """Where the frames of live and recently finished requests are kept for replay."""
 
+    def claim(self, key: StreamKey) -> Claim | None:
+        """The key whose creation creates this buffer, for an admission to create in its own
+        step (see ``hubgate.keys.Claim``); None when the buffer is not kept where the limiter is."""
+        ...
+
     async def create(self, key: StreamKey) -> None:
-        """Start an empty buffer; DuplicateId if a live one exists, InvalidMessage for a bad id."""
+        """Start an empty buffer (when no admission created its claim); DuplicateId if a live one
+        exists, InvalidMessage for a bad id."""
         ...
 
     async def append(self, key: StreamKey, frames: Sequence[BufferedFrame]) -> None:
@@ -206,6 +217,9 @@ class MemoryStreamBuffer:
         self._controls: dict[StreamKey, Control] = {}
         self._watchers: list[Callable[[StreamKey], None]] = []
         self._next_sweep = float("-inf")
+
+    def claim(self, key: StreamKey) -> Claim | None:
+        return None
 
     async def create(self, key: StreamKey) -> None:
         if not valid_request_id(key.request_id):
@@ -295,21 +309,23 @@ class MemoryStreamBuffer:
 
 # --- in Redis -------------------------------------------------------------------------------
 
-# Entry ids are explicit, derived from seq: the header is 0-1 and frame `seq` is 0-(seq+2). XADD
-# refuses an id not above the stream's last one, so the stream is strictly ordered by seq with no
-# duplicate, and "every frame after seq k" is a plain range read from an id computed from k.
-_HEADER_ID: Final = "0-1"
+# Entry ids are explicit, derived from seq: frame `seq` is 0-(seq+2) (0-1 was a header entry in
+# an earlier layout). XADD refuses an id not above the stream's last one, so the stream is
+# strictly ordered by seq with no duplicate, and "every frame after seq k" is a plain range read
+# from an id computed from k.
 
-# Creating a buffer must fail if one exists, atomically, and must leave a key behind (a stream
-# only exists with an entry in it), hence a header entry and a script.
-_CREATE_SCRIPT: Final = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
+# One batch of frames, only into a buffer whose header (its claim) still exists: an expired
+# buffer stays gone rather than coming back without its start. KEYS: frames, header. ARGV: entry
+# id, first seq, frames (newline-separated), terminal (0/1), MAXLEN, TTL in ms.
+_APPEND_SCRIPT: Final = Script.of("""
+if redis.call('EXISTS', KEYS[2]) == 0 then
   return 0
 end
-redis.call('XADD', KEYS[1], '0-1', 'h', '1')
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[5], ARGV[1], 's', ARGV[2], 'd', ARGV[3], 't', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
 return 1
-"""
+""")
 
 
 # Readers announce themselves here, so the instance running a request starts writing its frames.
@@ -394,31 +410,49 @@ def _redis_boundary() -> Iterator[None]:
 
 
 class RedisStreamBuffer:
-    """One Redis Stream per request at ``stream_key(key)``; fields ``seq``, ``d`` (data), ``t`` (terminal).
+    """A header key per request (``header_key``: the buffer exists) and a Redis Stream of frame
+    batches at ``stream_key(key)``, created by the first append; fields ``s`` (first seq), ``d``
+    (newline-separated frames), ``t`` (ends with the terminal frame).
 
-    Every command touches one key, so it works unchanged on Redis Cluster. The TTL is refreshed on
-    each append; the length is capped with ``XADD MAXLEN ~ max_frames``. ``read`` blocks with
+    A request's keys share its tenant's hash tag, so the scripts work unchanged on Redis Cluster.
+    The header is created by the limiter's admission when both live in the same Redis (see
+    ``claim``), else by ``create``. The TTL is refreshed on each append; the length is capped
+    with ``XADD MAXLEN``. ``read`` blocks with
     ``XREAD BLOCK``, which needs the client's ``socket_timeout`` to be longer than the block: a
     block is shortened to fit a shorter one, so a client tuned for the rate limiter still works,
     only polling more often. The client belongs to the caller; ``aclose`` does not close it.
     """
 
-    def __init__(self, client: Redis, *, ttl_seconds: float, max_frames: int) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        ttl_seconds: float,
+        max_frames: int,
+        runner: ScriptRunner | None = None,
+    ) -> None:
         if ttl_seconds <= 0 or max_frames < 1:
             raise ValueError("ttl_seconds must be > 0 and max_frames >= 1")
         self._client = client
+        # Appends go through the runner: shared with the limiter, a request's last append leaves
+        # in the same pipeline as its settlement.
+        self._runner = ScriptRunner(client) if runner is None else runner
         self._ttl_ms = max(1, round(ttl_seconds * 1000))
         self._max_frames = max_frames
-        self._create_script = client.register_script(_CREATE_SCRIPT)
         socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
         # Block for at most half the socket timeout: the other half is for the reply to arrive.
         self._max_block_ms = None if socket_timeout is None else max(1, int(socket_timeout * 500))
+
+    def claim(self, key: StreamKey) -> Claim | None:
+        if not valid_request_id(key.request_id):
+            return None
+        return Claim(header_key(key), self._ttl_ms)
 
     async def create(self, key: StreamKey) -> None:
         if not valid_request_id(key.request_id):
             raise InvalidMessage("invalid request id")
         with _redis_boundary():
-            created = await self._create_script(keys=[stream_key(key)], args=[self._ttl_ms])
+            created = await self._client.set(header_key(key), "1", nx=True, px=self._ttl_ms)
         if not created:
             raise DuplicateId("request id already used")
 
@@ -428,30 +462,25 @@ class RedisStreamBuffer:
         check_increasing(frames)
         if not valid_request_id(key.request_id):
             raise StreamNotFound(_NOT_FOUND)
-        name = stream_key(key)
         with _redis_boundary():
             # One entry per batch (its id is the batch's last seq, so a range read from any seq
             # finds the batch holding it): one XADD however many frames, and a reader sees the
             # whole batch or none of it. Frames are compact JSON and never contain a newline.
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.xadd(
-                    name,
-                    {
-                        "s": frames[0].seq,
-                        "d": b"\n".join(frame.data for frame in frames),
-                        "t": 1 if frames[-1].terminal else 0,
-                    },
-                    id=_entry_id(frames[-1].seq),
-                    # Entries hold batches: keep about max_frames frames' worth of them. Exact
-                    # trimming, as approximate trimming only drops whole nodes of ~100 entries.
-                    maxlen=max(1, self._max_frames // len(frames)),
-                    approximate=False,
-                    # An expired buffer stays gone rather than coming back without its start.
-                    nomkstream=True,
-                )
-                pipe.pexpire(name, self._ttl_ms)
-                results = await pipe.execute()
-        if results[0] is None:
+            # Entries hold batches: keep about max_frames frames' worth of them, trimmed exactly
+            # (approximate trimming only drops whole nodes of ~100 entries).
+            added = await self._runner.run(
+                _APPEND_SCRIPT,
+                (stream_key(key), header_key(key)),
+                (
+                    _entry_id(frames[-1].seq),
+                    frames[0].seq,
+                    b"\n".join(frame.data for frame in frames),
+                    1 if frames[-1].terminal else 0,
+                    max(1, self._max_frames // len(frames)),
+                    self._ttl_ms,
+                ),
+            )
+        if not added:
             raise StreamNotFound(_NOT_FOUND)
 
     async def read(self, key: StreamKey, after: int, *, block_seconds: float) -> list[BufferedFrame]:
@@ -461,7 +490,7 @@ class RedisStreamBuffer:
         name = stream_key(key)
         with _redis_boundary():
             async with self._client.pipeline(transaction=False) as pipe:
-                pipe.exists(name)
+                pipe.exists(header_key(key))
                 pipe.xrange(name, min=_entry_id(after + 1), max="+", count=_READ_ENTRIES)
                 pipe.xrevrange(name, max="+", min="-", count=1)
                 exists, entries, newest = await pipe.execute()
@@ -484,7 +513,7 @@ class RedisStreamBuffer:
         if not valid_request_id(key.request_id):
             return False
         with _redis_boundary():
-            return bool(await self._client.exists(stream_key(key)))
+            return bool(await self._client.exists(header_key(key)))
 
     async def signal_reader(self, key: StreamKey, until: float) -> None:
         if not valid_request_id(key.request_id):
@@ -615,8 +644,28 @@ class BufferWriter:
             self._has_data.set()
             self._ensure_task()
 
+    def close_with(self, frames: Sequence[BufferedFrame]) -> None:
+        """Take a request's frames, terminal included, in a writer that never went live; ``aclose``
+        sends them. From here the writer counts as live, so nothing hands it the frames again."""
+        if self._live or self._closing:
+            return
+        self._pending.extend(frames)
+        self._live = self._closing = True
+
     async def aclose(self) -> None:
-        """Send everything queued, terminal frame included, then stop; logs, never raises, Redis trouble."""
+        """Send everything queued, terminal frame included, then stop; logs, never raises, Redis trouble.
+
+        Without a background task (the writer never went live, or was handed its frames by
+        ``close_with``) the frames go from the caller's task, at once: with the other calls the
+        caller makes at the same moment, they leave in one pipeline.
+        """
+        if self._task is None:
+            self._live = self._closing = True
+            backlog, self._pending = self._pending, []
+            for start in range(0, len(backlog), self._backlog_batch):
+                await self._send(backlog[start : start + self._backlog_batch])
+            self._log_losses()
+            return
         if not self._live and self._pending:
             self.go_live()
         if self._task is None or self._task.done():
@@ -627,6 +676,9 @@ class BufferWriter:
         self._has_data.set()
         # Shielded: a connection torn down mid-close must not cut off the final frames.
         await asyncio.shield(self._task)
+        self._log_losses()
+
+    def _log_losses(self) -> None:
         if self._failed_batches:
             logger.warning(
                 "resume buffer missed %d frame(s) in %d batch(es) for request %r",

@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
@@ -33,6 +33,7 @@ from hubgate.errors import (
     TooManyStreams,
     UpstreamError,
 )
+from hubgate.keys import Claim
 from hubgate.leases import LeaseKeeper
 from hubgate.metering import (
     Metering,
@@ -116,10 +117,17 @@ def _go_live(stream: ActiveStream) -> None:
     writer = stream.writer
     if writer is None or writer.live:
         return
-    last = len(stream.frames) - 1
-    for seq, text in enumerate(stream.frames):
-        writer.push(BufferedFrame(seq, text.encode(), stream.ended and seq == last))
+    for frame in _frames_of(stream):
+        writer.push(frame)
     writer.go_live()
+
+
+def _frames_of(stream: ActiveStream) -> list[BufferedFrame]:
+    last = len(stream.frames) - 1
+    return [
+        BufferedFrame(seq, text.encode(), stream.ended and seq == last)
+        for seq, text in enumerate(stream.frames)
+    ]
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
@@ -381,14 +389,13 @@ class StreamRegistry:
     async def _emit(self, stream: ActiveStream, text: str, *, terminal: bool = False) -> None:
         if stream.opening is not None:
             await self._open_writer(stream)
-        if terminal and stream.conclude is not None:
-            conclude, stream.conclude = stream.conclude, None
-            await conclude()
         seq = len(stream.frames)
         stream.frames.append(text)
         stream.ended = terminal
         if stream.writer is not None and stream.writer.live:
             stream.writer.push(BufferedFrame(seq, text.encode(), terminal))
+        if terminal:
+            await self._close_out(stream)
         owner = stream.owner
         if owner is not None:
             try:
@@ -396,6 +403,22 @@ class StreamRegistry:
             except OwnerGone:
                 if stream.owner is owner:
                     self._detach(stream)
+
+    async def _close_out(self, stream: ActiveStream) -> None:
+        """Before the terminal frame goes out: settle and meter the request and write its frames
+        to the resume buffer, all at once, so that with Redis they leave in one pipeline
+        (``hubgate.scripts``). Settling first means the client's next request finds its capacity."""
+        calls: list[Awaitable[Any]] = []
+        if stream.conclude is not None:
+            conclude, stream.conclude = stream.conclude, None
+            calls.append(conclude())
+        writer = stream.writer
+        if writer is not None:
+            if not writer.live:
+                writer.close_with(_frames_of(stream))
+            calls.append(writer.aclose())
+        if calls:
+            await asyncio.gather(*calls)
 
     async def _run(self, stream: ActiveStream) -> None:
         request = stream.request
@@ -447,7 +470,9 @@ class StreamRegistry:
                 )
                 input_estimate = estimate_input_tokens(system, [t.content for t in turns])
                 spend_before = await self._check_budget(request)
-                admission = await self._admit(request, input_estimate + request.max_tokens)
+                claim = self._buffer.claim(key)
+
+                admission = await self._admit(request, input_estimate + request.max_tokens, claim)
                 self._metrics.decision("admitted")
             except RequestError as exc:
                 self._metrics.decision(exc.code)
@@ -456,9 +481,12 @@ class StreamRegistry:
             self._leases.add(key.tenant, request.lease)
             if stream.cancel_requested:
                 raise asyncio.CancelledError
-            # Created while the upstream call is made; awaited before the first frame (`_emit`).
-            stream.opening = asyncio.create_task(self._buffer.create(key))
-            stream.opening.add_done_callback(_retrieve)
+            if admission.claimed:  # the admission created the buffer
+                stream.writer = self._writer(stream)
+            else:
+                # Created while the upstream call is made; awaited before the first frame (`_emit`).
+                stream.opening = asyncio.create_task(self._buffer.create(key))
+                stream.opening.add_done_callback(_retrieve)
             limits = {
                 "requests_remaining": admission.remaining_requests,
                 "tokens_remaining": admission.remaining_tokens,
@@ -576,7 +604,7 @@ class StreamRegistry:
         assert last_error is not None
         raise last_error
 
-    async def _admit(self, request: StreamRequest, estimate: int) -> Admission:
+    async def _admit(self, request: StreamRequest, estimate: int, claim: Claim | None) -> Admission:
         """Admit through the limiter; a cancel during the call still gets the admission settled.
 
         A tenant the limiter just refused for its stream cap is refused here for STREAM_CAP_HOLD.
@@ -585,12 +613,12 @@ class StreamRegistry:
         if self._cap_held(key.tenant):
             raise TooManyStreams(_STREAM_CAP_MESSAGE)
         try:
-            return await self._admit_once(request, estimate)
+            return await self._admit_once(request, estimate, claim)
         except TooManyStreams:
             self._streams_full[key.tenant] = time.monotonic() + STREAM_CAP_HOLD
             raise
 
-    async def _admit_once(self, request: StreamRequest, estimate: int) -> Admission:
+    async def _admit_once(self, request: StreamRequest, estimate: int, claim: Claim | None) -> Admission:
         key = request.key
         call = asyncio.ensure_future(
             self._limiter.admit(
@@ -600,6 +628,7 @@ class StreamRegistry:
                 lease=request.lease,
                 estimate_tokens=estimate,
                 now=time.time(),
+                claim=claim,
             )
         )
         try:
@@ -671,7 +700,10 @@ class StreamRegistry:
         except GatewayError:
             log.warning("resume buffer unavailable; request %s cannot be resumed", stream.key.request_id)
             return
-        stream.writer = BufferWriter(
+        stream.writer = self._writer(stream)
+
+    def _writer(self, stream: ActiveStream) -> BufferWriter:
+        return BufferWriter(
             self._buffer, stream.key, flush_interval=self._flush_interval, live=stream.owner is None
         )
 
@@ -714,6 +746,25 @@ class StreamRegistry:
                 input_tokens, output_tokens = input_estimate, deltas
             else:
                 input_tokens, output_tokens = (input_estimate, 0) if completion is not None else (0, 0)
+            priced: UsageRecord | None = None
+            if reached_upstream:  # metered first: its aggregate write joins the settlement's pipeline
+                priced = self._meter.record(
+                    UsageRecord(
+                        request_id=key.request_id,
+                        connection_id=request.connection_id,
+                        tenant=key.tenant,
+                        user=key.user,
+                        model=model,
+                        input_tokens=input_tokens,
+                        output_tokens=output_tokens,
+                        estimated=estimated,
+                        ttft_ms=ttft_ms,
+                        duration_ms=duration_ms,
+                        stop_reason=None if completion is None else completion.stop_reason,
+                        error_code=error_code,
+                        timestamp=time.time(),
+                    )
+                )
             if admission is not None:
                 self._leases.discard(key.tenant, request.lease)
                 self._streams_full.pop(key.tenant, None)  # a slot is free again
@@ -723,25 +774,8 @@ class StreamRegistry:
                     used_tokens=input_tokens + output_tokens,
                     now=time.time(),
                 )
-            if not reached_upstream:
+            if priced is None:
                 return None
-            priced = self._meter.record(
-                UsageRecord(
-                    request_id=key.request_id,
-                    connection_id=request.connection_id,
-                    tenant=key.tenant,
-                    user=key.user,
-                    model=model,
-                    input_tokens=input_tokens,
-                    output_tokens=output_tokens,
-                    estimated=estimated,
-                    ttft_ms=ttft_ms,
-                    duration_ms=duration_ms,
-                    stop_reason=None if completion is None else completion.stop_reason,
-                    error_code=error_code,
-                    timestamp=time.time(),
-                )
-            )
             log.info(
                 "request finished",
                 extra={

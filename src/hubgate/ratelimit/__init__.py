@@ -16,6 +16,7 @@ from hubgate.ratelimit.memory import MemoryLimiter
 from hubgate.ratelimit.policy import LimitPolicy
 from hubgate.ratelimit.redis_backend import RedisLimiter
 from hubgate.ratelimit.resilient import CircuitBreaker, LimiterStats, ResilientLimiter
+from hubgate.scripts import ScriptRunner
 from hubgate.settings import FailureMode
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "ResilientLimiter",
     "Snapshot",
     "build_limiter",
+    "limiter_client",
 ]
 
 # Socket timeouts are a backstop under the per-call asyncio.timeout (which is what bounds a
@@ -47,13 +49,34 @@ def build_limiter(
     timeout_ms: int = 50,
     max_connections: int = 64,
     lease_ttl: float = 30.0,
+    runner: ScriptRunner | None = None,
 ) -> Limiter:
     """The limiter the gateway uses: in memory without a Redis URL, else Redis behind the failure policy.
 
-    Called once in the app's lifespan; the result is closed with ``aclose`` at shutdown.
+    Called once in the app's lifespan; the result is closed with ``aclose`` at shutdown. With a
+    ``runner`` (on a client from ``limiter_client``, shared with the resume buffer and metering)
+    the limiter uses it and leaves its client to the caller; without one it makes its own.
     """
     if redis_url is None:
         return MemoryLimiter(lease_ttl)
+    if runner is None:
+        primary = RedisLimiter(
+            limiter_client(redis_url, timeout_ms=timeout_ms, max_connections=max_connections),
+            lease_ttl=lease_ttl,
+            owns_client=True,  # the client owns the pool: RedisLimiter.aclose closes both
+        )
+    else:
+        primary = RedisLimiter(runner.client, lease_ttl=lease_ttl, runner=runner)
+    return ResilientLimiter(
+        primary,
+        mode=mode,
+        expected_instances=expected_instances,
+        timeout=timeout_ms / 1000,
+    )
+
+
+def limiter_client(redis_url: str, *, timeout_ms: int = 50, max_connections: int = 64) -> Redis:
+    """A Redis client for decisions: a bounded pool, short waits, no retries inside redis-py."""
     timeout = timeout_ms / 1000
     pool = BlockingConnectionPool.from_url(
         redis_url,
@@ -71,10 +94,4 @@ def build_limiter(
         # retries once within the decision's budget and owns the breaker.
         retry=Retry(NoBackoff(), 0),
     )
-    client = Redis.from_pool(pool)  # the client owns the pool: RedisLimiter.aclose closes both
-    return ResilientLimiter(
-        RedisLimiter(client, lease_ttl=lease_ttl, owns_client=True),
-        mode=mode,
-        expected_instances=expected_instances,
-        timeout=timeout,
-    )
+    return Redis.from_pool(pool)  # the client owns the pool: closing it closes both

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Generic, Protocol, TypeVar
 
-from hubgate.errors import RateLimited, RequestError, TokenRateLimited, TooManyConnections, TooManyStreams
+from hubgate.errors import (
+    DuplicateId,
+    RateLimited,
+    RequestError,
+    TokenRateLimited,
+    TooManyConnections,
+    TooManyStreams,
+)
+from hubgate.keys import Claim, tenant_tag
 from hubgate.ratelimit import buckets
 from hubgate.ratelimit.buckets import Bucket
 from hubgate.ratelimit.policy import LimitPolicy
@@ -35,15 +43,25 @@ class Admission:
     remaining_tokens: int | None  # after the reservation, never below 0; None: unlimited
     reset_seconds: float  # until the request bucket(s) are full again; 0.0 when unlimited
     backend: str = "memory"  # which backend admitted it ("memory", "redis", "local"): it must settle there
+    claimed: bool = False  # the admission also created the request's claim key (see Claim)
 
 
 class Limiter(Protocol):
     """What the gateway needs from a rate limiter. ``now`` is the caller's ``time.time()``."""
 
     async def admit(
-        self, tenant: str, user: str, policy: LimitPolicy, *, lease: str, estimate_tokens: int, now: float
+        self,
+        tenant: str,
+        user: str,
+        policy: LimitPolicy,
+        *,
+        lease: str,
+        estimate_tokens: int,
+        now: float,
+        claim: Claim | None = None,
     ) -> Admission:
-        """Admit one request or raise RateLimited, TokenRateLimited, TooManyStreams, LimiterUnavailable."""
+        """Admit one request or raise RateLimited, TokenRateLimited, TooManyStreams, DuplicateId
+        (the claim exists), LimiterUnavailable."""
         ...
 
     async def settle(
@@ -93,9 +111,8 @@ class TenantKeys:
 
 
 def tenant_keys(tenant: str) -> TenantKeys:
-    """The keys of one tenant. Braces in a tenant id are escaped so it cannot end the hash tag early."""
-    safe = tenant.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
-    tag = f"{{t:{safe}}}"
+    """The limiter keys of one tenant."""
+    tag = tenant_tag(tenant)
     return TenantKeys(
         requests=f"{tag}:rq",
         tokens=f"{tag}:tk",
@@ -113,6 +130,7 @@ class Verdict(IntEnum):
     REQUESTS = 2
     USER_REQUESTS = 3
     TOKENS = 4
+    DUPLICATE = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +210,8 @@ def refusal(verdict: Verdict, wait_ms: int) -> RequestError:
         return RateLimited("user request rate exceeded", retry_after=retry_after)
     if verdict is Verdict.TOKENS:
         return TokenRateLimited("tenant token rate exceeded", retry_after=retry_after)
+    if verdict is Verdict.DUPLICATE:
+        return DuplicateId("request id already used")
     raise ValueError(f"not a refusal: {verdict!r}")
 
 
@@ -212,6 +232,7 @@ def build_admission(
     user_requests: int | None,
     tokens: int | None,
     backend: str,
+    claimed: bool = False,
 ) -> Admission:
     """An Admission from the buckets' levels (units) after the admission; None for a bucket not in use.
 
@@ -239,6 +260,7 @@ def build_admission(
         remaining_tokens=tokens_left,
         reset_seconds=reset_ms / 1000,
         backend=backend,
+        claimed=claimed,
     )
 
 

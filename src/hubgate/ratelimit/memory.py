@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hubgate.errors import TooManyConnections
+from hubgate.keys import Claim
 from hubgate.ratelimit import buckets
 from hubgate.ratelimit.base import (
     Admission,
@@ -53,7 +54,15 @@ class MemoryLimiter:
         return self._ttl_ms / 1000
 
     async def admit(
-        self, tenant: str, user: str, policy: LimitPolicy, *, lease: str, estimate_tokens: int, now: float
+        self,
+        tenant: str,
+        user: str,
+        policy: LimitPolicy,
+        *,
+        lease: str,
+        estimate_tokens: int,
+        now: float,
+        claim: Claim | None = None,  # not kept here: the caller creates it (Admission.claimed false)
     ) -> Admission:
         check_count("estimate_tokens", estimate_tokens)
         if policy.has_zero_limit:

@@ -18,16 +18,15 @@ This is the bare adapter: redis-py errors propagate. The gateway uses it through
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
 
 from hubgate.errors import TooManyConnections
+from hubgate.keys import Claim
 from hubgate.ratelimit.base import (
     Admission,
     BoundedCache,
@@ -47,6 +46,7 @@ from hubgate.ratelimit.base import (
 )
 from hubgate.ratelimit.buckets import UNITS_PER_TOKEN, Bucket, to_ms
 from hubgate.ratelimit.policy import LimitPolicy
+from hubgate.scripts import Script, ScriptRunner
 
 # A bucket key expires this long after the bucket would be full again. Expiring exactly then
 # would be correct for one clock; the slack covers gateways whose clocks run slightly behind,
@@ -139,6 +139,10 @@ if redis.call('ZSCORE', KEYS[4], lease) then
   end
   return reply(0, 0)
 end
+-- KEYS[5], when given, names the request (see Claim): it must not exist yet.
+if KEYS[5] and redis.call('EXISTS', KEYS[5]) == 1 then
+  return reply(5, 0)
+end
 if max_streams >= 0 and redis.call('ZCARD', KEYS[4]) >= max_streams then
   return reply(1, 0)
 end
@@ -162,6 +166,9 @@ for i, b in ipairs(spec) do
 end
 redis.call('ZADD', KEYS[4], expiry, lease)
 redis.call('PEXPIRE', KEYS[4], key_ttl)
+if KEYS[5] then
+  redis.call('SET', KEYS[5], '1', 'PX', ARGV[5])
+end
 return reply(0, 0)
 """
 )
@@ -238,18 +245,6 @@ return out
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Script:
-    """A Lua script and its SHA1, computed once; run with EVALSHA."""
-
-    source: str
-    sha: str
-
-    @classmethod
-    def of(cls, source: str) -> Script:
-        return cls(source, hashlib.sha1(source.encode()).hexdigest())
-
-
 def _bucket_args(limit: Rate | None) -> tuple[int, int]:
     return (0, 0) if limit is None else (limit.burst, limit.per_minute)
 
@@ -307,14 +302,23 @@ class RedisLimiter:
     # A trivial script: the floor the benchmark compares the real ones with.
     NOOP = Script.of("return 1")
 
-    def __init__(self, client: Redis, *, lease_ttl: float = 30.0, owns_client: bool = False) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        lease_ttl: float = 30.0,
+        owns_client: bool = False,
+        runner: ScriptRunner | None = None,
+    ) -> None:
         if lease_ttl <= 0:
             raise ValueError(f"lease_ttl must be > 0, got {lease_ttl}")
         self._client = client
         self._owns_client = owns_client
+        # Shared with the resume buffer and metering when given, so a request's last calls to
+        # each leave in one pipeline; the runner must be on ``client``.
+        self._runner = ScriptRunner(client) if runner is None else runner
         self._ttl_ms = to_ms(lease_ttl)
         self._key_ttl_ms = self._ttl_ms * LEASE_KEY_FACTOR
-        self.script_loads = 0  # NOSCRIPT recoveries (after a Redis restart, failover or SCRIPT FLUSH)
         # Per-call work kept off the hot path: key names per tenant, script arguments per policy.
         self._keys: BoundedCache[str, TenantKeys] = BoundedCache(tenant_keys)
         self._plans: BoundedCache[LimitPolicy, _Plan] = BoundedCache(
@@ -329,19 +333,25 @@ class RedisLimiter:
     def client(self) -> Redis:
         return self._client
 
+    @property
+    def script_loads(self) -> int:
+        """NOSCRIPT recoveries (after a Redis restart, failover or SCRIPT FLUSH)."""
+        return self._runner.script_loads
+
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[str | bytes | int]) -> Any:
         """EVALSHA, loading the script once and retrying if Redis does not know it."""
-        try:
-            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            # Redis restarted, failed over to a replica without our scripts, or was told
-            # SCRIPT FLUSH: load it back and try again (SCRIPT LOAD returns the same SHA1).
-            await self._client.script_load(script.source)
-            self.script_loads += 1
-            return await self._client.evalsha(script.sha, len(keys), *keys, *args)
+        return await self._runner.run(script, keys, args)
 
     async def admit(
-        self, tenant: str, user: str, policy: LimitPolicy, *, lease: str, estimate_tokens: int, now: float
+        self,
+        tenant: str,
+        user: str,
+        policy: LimitPolicy,
+        *,
+        lease: str,
+        estimate_tokens: int,
+        now: float,
+        claim: Claim | None = None,
     ) -> Admission:
         check_count("estimate_tokens", estimate_tokens)
         if policy.has_zero_limit:
@@ -349,13 +359,12 @@ class RedisLimiter:
         now_ms = to_ms(now)
         keys = self._keys(tenant)
         plan = self._plans(policy)
-        reply = _ints(
-            await self.run(
-                self.ADMIT,
-                (keys.requests, keys.user_requests(user), keys.tokens, keys.streams),
-                (now_ms, lease, estimate_tokens, plan.admit_plan),
-            )
-        )
+        script_keys: tuple[str, ...] = (keys.requests, keys.user_requests(user), keys.tokens, keys.streams)
+        args: tuple[str | bytes | int, ...] = (now_ms, lease, estimate_tokens, plan.admit_plan)
+        if claim is not None:
+            script_keys += (claim.key,)
+            args += (claim.ttl_ms,)
+        reply = _ints(await self.run(self.ADMIT, script_keys, args))
         verdict = reply[0]
         if verdict:
             raise refusal(Verdict(verdict), reply[1])
@@ -371,6 +380,7 @@ class RedisLimiter:
             user_requests=reply[3] if limits.user_requests is not None else None,
             tokens=reply[4] if limits.tokens is not None else None,
             backend="redis",
+            claimed=claim is not None,
         )
 
     async def settle(

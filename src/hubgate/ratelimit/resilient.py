@@ -30,6 +30,7 @@ from typing import Literal, TypeVar
 from redis.exceptions import RedisError
 
 from hubgate.errors import GatewayError, LimiterUnavailable
+from hubgate.keys import Claim
 from hubgate.ratelimit.base import (
     Admission,
     Snapshot,
@@ -176,7 +177,15 @@ class ResilientLimiter:
         return self._primary
 
     async def admit(
-        self, tenant: str, user: str, policy: LimitPolicy, *, lease: str, estimate_tokens: int, now: float
+        self,
+        tenant: str,
+        user: str,
+        policy: LimitPolicy,
+        *,
+        lease: str,
+        estimate_tokens: int,
+        now: float,
+        claim: Claim | None = None,
     ) -> Admission:
         # Checked here too so that a refusal that needs no Redis never counts as Redis answering.
         check_count("estimate_tokens", estimate_tokens)
@@ -185,7 +194,7 @@ class ResilientLimiter:
         try:
             return await self._call(
                 lambda: self._primary.admit(
-                    tenant, user, policy, lease=lease, estimate_tokens=estimate_tokens, now=now
+                    tenant, user, policy, lease=lease, estimate_tokens=estimate_tokens, now=now, claim=claim
                 )
             )
         except _Unreachable as down:

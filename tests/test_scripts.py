@@ -1,0 +1,163 @@
+"""The script runner against a real redis-server: calls made together share one round trip."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from hubgate.scripts import Script, ScriptRunner
+from tests.conftest import ws_url
+from tests.support.client import Client
+from tests.support.emulator_server import EmulatorServer
+from tests.support.gateway_server import gateway_settings, running_gateway
+from tests.support.redis_server import RedisServer
+
+INCR = Script.of("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+ECHO = Script.of("return ARGV[1]")
+FAIL = Script.of("return redis.error_reply('refused by the script')")
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    redis = Redis.from_url(redis_server.url)
+    yield redis
+    await redis.aclose()
+
+
+async def test_calls_made_together_leave_in_one_pipeline(client: Redis) -> None:
+    runner = ScriptRunner(client)
+    key = f"k-{uuid.uuid4().hex}"
+    replies = await asyncio.gather(
+        runner.run(INCR, [key], [1]), runner.run(INCR, [key], [10]), runner.run(ECHO, [], ["x"])
+    )
+    assert replies == [1, 11, b"x"]  # in the order they were made
+    assert (runner.batches, runner.calls) == (1, 3)
+    assert runner.last_batch == (INCR.sha, INCR.sha, ECHO.sha)
+    # One at a time: one round trip each.
+    assert await runner.run(INCR, [key], [100]) == 111
+    assert await runner.run(INCR, [key], [1000]) == 1111
+    assert (runner.batches, runner.calls) == (3, 5)
+
+
+async def test_scripts_redis_forgot_are_loaded_and_run_again(client: Redis) -> None:
+    runner = ScriptRunner(client)
+    key = f"k-{uuid.uuid4().hex}"
+    await client.script_flush()
+    one, two, three = await asyncio.gather(
+        runner.run(INCR, [key], [1]), runner.run(ECHO, [], ["y"]), runner.run(INCR, [key], [2])
+    )
+    assert (one, two, three) == (1, b"y", 3)  # each applied exactly once
+    assert runner.script_loads == 2  # one SCRIPT LOAD per distinct script
+    await client.script_flush()
+    assert await runner.run(INCR, [key], [4]) == 7  # alone, too
+    assert runner.script_loads == 3
+
+
+async def test_an_error_reply_fails_its_call_only(client: Redis) -> None:
+    runner = ScriptRunner(client)
+    key = f"k-{uuid.uuid4().hex}"
+    results = await asyncio.gather(
+        runner.run(INCR, [key], [5]),
+        runner.run(FAIL, [], []),
+        runner.run(ECHO, [], ["z"]),
+        return_exceptions=True,
+    )
+    assert results[0] == 5 and results[2] == b"z"
+    assert isinstance(results[1], ResponseError) and "refused by the script" in str(results[1])
+    with pytest.raises(ResponseError):
+        await runner.run(FAIL, [], [])
+    assert runner.batches == 2
+
+
+async def test_a_caller_that_gives_up_does_not_affect_the_others(client: Redis) -> None:
+    runner = ScriptRunner(client)
+    key = f"k-{uuid.uuid4().hex}"
+    abandoned = asyncio.ensure_future(runner.run(INCR, [key], [1]))
+    kept = asyncio.ensure_future(runner.run(INCR, [key], [2]))
+    await asyncio.sleep(0)  # both calls are queued
+    abandoned.cancel()
+    assert await kept == 2  # the abandoned call never left
+    assert runner.calls == 1
+    assert int(await client.get(key)) == 2
+
+
+async def test_a_lost_connection_fails_every_call_of_the_batch(fresh_redis_server: RedisServer) -> None:
+    server = fresh_redis_server
+    redis = Redis.from_url(server.url, socket_connect_timeout=1.0, socket_timeout=1.0)
+    runner = ScriptRunner(redis)
+    try:
+        assert await runner.run(ECHO, [], ["up"]) == b"up"
+        server.kill()
+        results = await asyncio.gather(
+            runner.run(ECHO, [], ["a"]), runner.run(ECHO, [], ["b"]), return_exceptions=True
+        )
+        assert all(isinstance(r, RedisConnectionError | OSError) for r in results), results
+        server.start()
+        assert await runner.run(ECHO, [], ["back"]) == b"back"  # the runner recovers with Redis
+    finally:
+        await redis.aclose()
+
+
+# ---------------------------------------------------------------------------- through a gateway
+
+
+def scripts_counters(text: str) -> tuple[float, float]:
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[sample.name] = sample.value
+    return values["hubgate_redis_script_calls_total"], values["hubgate_redis_round_trips_total"]
+
+
+async def test_a_request_costs_one_round_trip_to_start_and_one_to_end(
+    emulator: EmulatorServer, mint: Callable[..., str], redis_server: RedisServer
+) -> None:
+    """Admission (which also creates the resume buffer) is one script call; settlement, the
+    buffer's frames and the usage aggregate leave together in one pipeline. Nothing per token."""
+    settings = gateway_settings(emulator.url, redis_url=redis_server.url, lease_ttl_seconds=600)
+    redis = Redis.from_url(redis_server.url)
+    async with running_gateway(settings), httpx.AsyncClient() as http:
+        url = f"http://127.0.0.1:{settings.port}/metrics"
+        client = await Client.open(ws_url(settings), mint("acme", "alice"))
+        request_id = f"rt{time.time_ns()}"
+        await client.chat("warm", "[[emulator:tokens=2]]")  # scripts loaded, pools warm
+        calls, trips = scripts_counters((await http.get(url)).text)
+        frames = await client.chat(request_id, "[[emulator:tokens=40]]")
+        after_calls, after_trips = scripts_counters((await http.get(url)).text)
+        await client.close()
+        assert frames[-1]["type"] == "end" and frames[-1]["usage"]["output_tokens"] == 40
+        assert (after_calls - calls, after_trips - trips) == (4, 2)
+        # What those calls did: the buffer holds every frame (one append), the usage is counted.
+        assert await redis.exists(f"{{t:acme}}:rs:alice:{request_id}:h") == 1
+        entries = await redis.xrange(f"{{t:acme}}:rs:alice:{request_id}")
+        assert len(entries) == 1 and entries[0][1][b"d"].count(b"\n") == len(frames) - 1
+        assert len(await redis.keys(f"{{t:acme}}:metered:{request_id}:*")) == 1
+    await redis.aclose()
+
+
+async def test_a_duplicate_request_id_is_refused_at_admission_and_charged_nothing(
+    emulator: EmulatorServer, mint: Callable[..., str], redis_server: RedisServer
+) -> None:
+    settings = gateway_settings(emulator.url, redis_url=redis_server.url)
+    async with running_gateway(settings):
+        client = await Client.open(ws_url(settings), mint("acme", "bob"))
+        request_id = f"dup{time.time_ns()}"
+        first = await client.chat(request_id, "[[emulator:tokens=2]]")
+        remaining = first[0]["limits"]["requests_remaining"]
+        assert first[-1]["type"] == "end"
+        client.by_id.pop(request_id)
+        again = await client.chat(request_id, "[[emulator:tokens=2]]")
+        assert again[-1]["type"] == "error" and again[-1]["code"] == "duplicate_id"
+        third = await client.chat(f"{request_id}-next", "[[emulator:tokens=2]]")
+        # The refused duplicate took nothing from the request bucket (refill only adds).
+        assert third[0]["limits"]["requests_remaining"] >= remaining - 1
+        await client.close()
