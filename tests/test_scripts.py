@@ -14,6 +14,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from hubgate.errors import DuplicateId
+from hubgate.ratelimit import LimitPolicy, RedisLimiter
+from hubgate.resume import RedisStreamBuffer, StreamKey, header_key
 from hubgate.scripts import Script, ScriptRunner
 from tests.conftest import ws_url
 from tests.support.client import Client
@@ -161,3 +164,43 @@ async def test_a_duplicate_request_id_is_refused_at_admission_and_charged_nothin
         # The refused duplicate took nothing from the request bucket (refill only adds).
         assert third[0]["limits"]["requests_remaining"] >= remaining - 1
         await client.close()
+
+
+async def test_a_claim_is_its_owners_whoever_creates_it(client: Redis) -> None:
+    """The limiter's admission and the buffer's own creation agree on who a request id belongs to:
+    an admission whose reply was lost (a timeout, then the local fallback) does not make the
+    request a duplicate of itself; another request with that id is one."""
+    limiter = RedisLimiter(client)
+    buffer = RedisStreamBuffer(client, ttl_seconds=60, max_frames=100)
+    policy = LimitPolicy(requests_per_minute=600)
+    key = StreamKey(f"t-{uuid.uuid4().hex[:8]}", "u", "r1")
+    claim = buffer.claim(key, "lease-a")
+    assert claim is not None
+    admission = await limiter.admit(
+        key.tenant, key.user, policy, lease="lease-a", estimate_tokens=1, now=time.time(), claim=claim
+    )
+    assert admission.claimed
+    assert await client.get(header_key(key)) == b"lease-a"
+    await buffer.create(key, "lease-a")  # the same request creating it again: fine
+    with pytest.raises(DuplicateId):
+        await buffer.create(key, "lease-b")
+    with pytest.raises(DuplicateId):
+        await buffer.create(key)  # no owner: any existing buffer is a duplicate
+    # The same admission retried (its first reply lost) is not a duplicate; another request is,
+    # and is charged nothing.
+    again = await limiter.admit(
+        key.tenant, key.user, policy, lease="lease-a", estimate_tokens=1, now=time.time(), claim=claim
+    )
+    assert again.remaining_requests == admission.remaining_requests
+    with pytest.raises(DuplicateId):
+        await limiter.admit(
+            key.tenant,
+            key.user,
+            policy,
+            lease="lease-b",
+            estimate_tokens=1,
+            now=time.time(),
+            claim=buffer.claim(key, "lease-b"),
+        )
+    snapshot = await limiter.snapshot(key.tenant, policy, now=time.time())
+    assert snapshot["streams"] == 1

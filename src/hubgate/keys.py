@@ -24,7 +24,12 @@ class Claim:
     step as the admission: a request whose key already exists is refused with DuplicateId and
     charged nothing. Other backends leave it alone (``Admission.claimed`` is then false) and the
     caller creates the key itself. The key must share the tenant's hash tag (``tenant_tag``).
+
+    The key holds ``owner`` (the request's own mark, e.g. its lease): a key that already holds the
+    same owner is not a duplicate, so an admission retried after a timeout, or a creation by the
+    caller after the limiter fell back, still finds the request its own.
     """
 
     key: str
     ttl_ms: int
+    owner: str

@@ -134,14 +134,14 @@ def continuation(after: int, frames: Sequence[BufferedFrame], *, ended: bool) ->
 class StreamBuffer(Protocol):
     """Where the frames of live and recently finished requests are kept for replay."""
 
-    def claim(self, key: StreamKey) -> Claim | None:
+    def claim(self, key: StreamKey, owner: str) -> Claim | None:
         """The key whose creation creates this buffer, for an admission to create in its own
         step (see ``hubgate.keys.Claim``); None when the buffer is not kept where the limiter is."""
         ...
 
-    async def create(self, key: StreamKey) -> None:
+    async def create(self, key: StreamKey, owner: str = "") -> None:
         """Start an empty buffer (when no admission created its claim); DuplicateId if a live one
-        exists, InvalidMessage for a bad id."""
+        exists that ``owner`` (when given) did not create, InvalidMessage for a bad id."""
         ...
 
     async def append(self, key: StreamKey, frames: Sequence[BufferedFrame]) -> None:
@@ -218,10 +218,10 @@ class MemoryStreamBuffer:
         self._watchers: list[Callable[[StreamKey], None]] = []
         self._next_sweep = float("-inf")
 
-    def claim(self, key: StreamKey) -> Claim | None:
+    def claim(self, key: StreamKey, owner: str) -> Claim | None:
         return None
 
-    async def create(self, key: StreamKey) -> None:
+    async def create(self, key: StreamKey, owner: str = "") -> None:
         if not valid_request_id(key.request_id):
             raise InvalidMessage("invalid request id")
         now = self._clock()
@@ -313,6 +313,17 @@ class MemoryStreamBuffer:
 # an earlier layout). XADD refuses an id not above the stream's last one, so the stream is
 # strictly ordered by seq with no duplicate, and "every frame after seq k" is a plain range read
 # from an id computed from k.
+
+# A buffer's header, unless one exists that another owner created (see ``Claim``). KEYS: header.
+# ARGV: owner ("-": none, never matches), TTL in ms.
+_CREATE_SCRIPT: Final = Script.of("""
+local held = redis.call('GET', KEYS[1])
+if held and (ARGV[1] == '-' or held ~= ARGV[1]) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+""")
 
 # One batch of frames, only into a buffer whose header (its claim) still exists: an expired
 # buffer stays gone rather than coming back without its start. KEYS: frames, header. ARGV: entry
@@ -443,16 +454,16 @@ class RedisStreamBuffer:
         # Block for at most half the socket timeout: the other half is for the reply to arrive.
         self._max_block_ms = None if socket_timeout is None else max(1, int(socket_timeout * 500))
 
-    def claim(self, key: StreamKey) -> Claim | None:
+    def claim(self, key: StreamKey, owner: str) -> Claim | None:
         if not valid_request_id(key.request_id):
             return None
-        return Claim(header_key(key), self._ttl_ms)
+        return Claim(header_key(key), self._ttl_ms, owner)
 
-    async def create(self, key: StreamKey) -> None:
+    async def create(self, key: StreamKey, owner: str = "") -> None:
         if not valid_request_id(key.request_id):
             raise InvalidMessage("invalid request id")
         with _redis_boundary():
-            created = await self._client.set(header_key(key), "1", nx=True, px=self._ttl_ms)
+            created = await self._runner.run(_CREATE_SCRIPT, (header_key(key),), (owner or "-", self._ttl_ms))
         if not created:
             raise DuplicateId("request id already used")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import time
@@ -128,6 +129,9 @@ def _frames_of(stream: ActiveStream) -> list[BufferedFrame]:
         BufferedFrame(seq, text.encode(), stream.ended and seq == last)
         for seq, text in enumerate(stream.frames)
     ]
+
+
+_OWNERS = itertools.count()
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
@@ -457,6 +461,8 @@ class StreamRegistry:
 
         stream.conclude = conclude
         stream.running = True
+        # Unique to this request (a reused id on the same connection is another request).
+        owner = f"{request.lease}#{next(_OWNERS)}"
         try:
             try:
                 history: tuple[Message, ...] = ()
@@ -470,7 +476,7 @@ class StreamRegistry:
                 )
                 input_estimate = estimate_input_tokens(system, [t.content for t in turns])
                 spend_before = await self._check_budget(request)
-                claim = self._buffer.claim(key)
+                claim = self._buffer.claim(key, owner)
 
                 admission = await self._admit(request, input_estimate + request.max_tokens, claim)
                 self._metrics.decision("admitted")
@@ -485,7 +491,7 @@ class StreamRegistry:
                 stream.writer = self._writer(stream)
             else:
                 # Created while the upstream call is made; awaited before the first frame (`_emit`).
-                stream.opening = asyncio.create_task(self._buffer.create(key))
+                stream.opening = asyncio.create_task(self._buffer.create(key, owner))
                 stream.opening.add_done_callback(_retrieve)
             limits = {
                 "requests_remaining": admission.remaining_requests,

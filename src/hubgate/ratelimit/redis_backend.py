@@ -139,9 +139,12 @@ if redis.call('ZSCORE', KEYS[4], lease) then
   end
   return reply(0, 0)
 end
--- KEYS[5], when given, names the request (see Claim): it must not exist yet.
-if KEYS[5] and redis.call('EXISTS', KEYS[5]) == 1 then
-  return reply(5, 0)
+-- KEYS[5], when given, names the request (see Claim): it must not exist yet, or hold this owner.
+if KEYS[5] then
+  local held = redis.call('GET', KEYS[5])
+  if held and held ~= ARGV[6] then
+    return reply(5, 0)
+  end
 end
 if max_streams >= 0 and redis.call('ZCARD', KEYS[4]) >= max_streams then
   return reply(1, 0)
@@ -167,7 +170,7 @@ end
 redis.call('ZADD', KEYS[4], expiry, lease)
 redis.call('PEXPIRE', KEYS[4], key_ttl)
 if KEYS[5] then
-  redis.call('SET', KEYS[5], '1', 'PX', ARGV[5])
+  redis.call('SET', KEYS[5], ARGV[6], 'PX', ARGV[5])
 end
 return reply(0, 0)
 """
@@ -363,7 +366,7 @@ class RedisLimiter:
         args: tuple[str | bytes | int, ...] = (now_ms, lease, estimate_tokens, plan.admit_plan)
         if claim is not None:
             script_keys += (claim.key,)
-            args += (claim.ttl_ms,)
+            args += (claim.ttl_ms, claim.owner)
         reply = _ints(await self.run(self.ADMIT, script_keys, args))
         verdict = reply[0]
         if verdict:
