@@ -131,9 +131,6 @@ def _frames_of(stream: ActiveStream) -> list[BufferedFrame]:
     ]
 
 
-_OWNERS = itertools.count()
-
-
 def _retrieve(task: asyncio.Task[None]) -> None:
     """Mark a background task's exception as seen (whoever awaits it still gets it)."""
     if not task.cancelled():
@@ -220,6 +217,7 @@ class StreamRegistry:
         self.active: dict[StreamKey, ActiveStream] = {}
         self._streams_full: dict[str, float] = {}  # tenant -> monotonic time its cap hold ends
         self._idle = asyncio.Event()
+        self._owners = itertools.count()  # marks each request's claim on its id as its own
         self._idle.set()
 
     def __len__(self) -> int:
@@ -462,7 +460,7 @@ class StreamRegistry:
         stream.conclude = conclude
         stream.running = True
         # Unique to this request (a reused id on the same connection is another request).
-        owner = f"{request.lease}#{next(_OWNERS)}"
+        owner = f"{request.lease}#{next(self._owners)}"
         try:
             try:
                 history: tuple[Message, ...] = ()
