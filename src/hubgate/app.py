@@ -229,6 +229,7 @@ def create_app(
             metrics.bind(
                 connections=lambda: len(services.connections),
                 streams=lambda: len(services.streams),
+                queued=lambda: services.streams.queued,
                 limiter_fallbacks=(
                     (lambda: limiter.stats.fallbacks) if isinstance(limiter, ResilientLimiter) else None
                 ),

@@ -403,7 +403,7 @@ class Connection:
         _, tenant = self._who()
         model = chat.model or tenant.default_model
         self.s.tenants.check_model(tenant, model)
-        refusal = self.s.streams.refused_at_cap(chat.id, tenant.id)
+        refusal = self.s.streams.refused_at_cap(chat.id, tenant)
         if refusal is not None:
             return refusal
         request = StreamRequest(

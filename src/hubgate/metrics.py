@@ -40,6 +40,11 @@ class Metrics:
         r = self.registry
         self.connections = Gauge("hubgate_connections_open", "Open WebSocket connections", registry=r)
         self.streams = Gauge("hubgate_streams_in_flight", "Requests streaming on this instance", registry=r)
+        self.queued = Gauge(
+            "hubgate_streams_queued",
+            "Requests waiting on this instance for a slot under their tenant's stream cap",
+            registry=r,
+        )
         self.ttft = Histogram(
             "hubgate_ttft_seconds",
             "Time to first token",
@@ -82,6 +87,7 @@ class Metrics:
         *,
         connections: Callable[[], float],
         streams: Callable[[], float],
+        queued: Callable[[], float] | None = None,
         limiter_fallbacks: Callable[[], float] | None = None,
         redis_scripts: tuple[Callable[[], float], Callable[[], float]] | None = None,
     ) -> None:
@@ -91,6 +97,8 @@ class Metrics:
         """
         self.connections.set_function(connections)
         self.streams.set_function(streams)
+        if queued is not None:
+            self.queued.set_function(queued)
         if limiter_fallbacks is not None:
             self._callbacks.sources.append(
                 ("hubgate_limiter_fallbacks", "Limiter decisions made without Redis", limiter_fallbacks)

@@ -47,8 +47,10 @@ from hubgate.metering import (
 from hubgate.metrics import Metrics
 from hubgate.providers.base import Completion, ProviderRequest, ProviderResolver, Turn
 from hubgate.ratelimit.base import Admission, Limiter
+from hubgate.ratelimit.policy import LimitPolicy
 from hubgate.resume import BufferedFrame, BufferWriter, StreamBuffer, StreamKey, replay
 from hubgate.sessions import Message, Session, SessionStore
+from hubgate.slots import SlotQueue
 from hubgate.telemetry import SpanRecorder
 from hubgate.tenants import Tenant
 
@@ -216,12 +218,18 @@ class StreamRegistry:
         self._flush_interval = flush_interval
         self.active: dict[StreamKey, ActiveStream] = {}
         self._streams_full: dict[str, float] = {}  # tenant -> monotonic time its cap hold ends
+        self._slots = SlotQueue(poll=STREAM_CAP_HOLD)  # requests waiting for a stream slot
         self._idle = asyncio.Event()
         self._owners = itertools.count()  # marks each request's claim on its id as its own
         self._idle.set()
 
     def __len__(self) -> int:
         return len(self.active)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting here for one of their tenant's stream slots."""
+        return self._slots.waiting()
 
     # ------------------------------------------------------------------ starting
 
@@ -238,10 +246,11 @@ class StreamRegistry:
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
-    def refused_at_cap(self, request_id: str, tenant: str) -> str | None:
-        """The refusal frame for a new request of a tenant held at its stream cap (see `_admit`),
-        or None. Answering here, before any task is made, keeps refusals cheap under overload."""
-        if not self._cap_held(tenant):
+    def refused_at_cap(self, request_id: str, tenant: Tenant) -> str | None:
+        """The refusal frame for a new request of a tenant held at its stream cap (see `_admit`)
+        with no room to wait in line, or None. Answering here, before any task is made, keeps
+        refusals cheap under overload."""
+        if not self._cap_held(tenant.id) or self._queue_has_room(tenant.id, tenant.limits):
             return None
         self._metrics.decision(TooManyStreams.code)
         return protocol.FrameBuilder(request_id).error(TooManyStreams.code, _STREAM_CAP_MESSAGE)
@@ -611,16 +620,47 @@ class StreamRegistry:
     async def _admit(self, request: StreamRequest, estimate: int, claim: Claim | None) -> Admission:
         """Admit through the limiter; a cancel during the call still gets the admission settled.
 
-        A tenant the limiter just refused for its stream cap is refused here for STREAM_CAP_HOLD.
+        A tenant the limiter just refused for its stream cap is refused here for STREAM_CAP_HOLD,
+        or, when its limits give it a queue, its request waits in line for a slot (hubgate.slots).
         """
-        key = request.key
-        if self._cap_held(key.tenant):
+        tenant = request.key.tenant
+        limits = request.tenant.limits
+        if not limits.stream_queue_ms:
+            if self._cap_held(tenant):
+                raise TooManyStreams(_STREAM_CAP_MESSAGE)
+            return await self._admit_capped(request, estimate, claim)
+        deadline = time.monotonic() + limits.stream_queue_ms / 1000
+        # A newcomer goes behind the requests already waiting rather than past them.
+        if not self._slots.waiting(tenant) and not self._cap_held(tenant):
+            with contextlib.suppress(TooManyStreams):
+                return await self._admit_capped(request, estimate, claim)
+        if not self._queue_has_room(tenant, limits):
             raise TooManyStreams(_STREAM_CAP_MESSAGE)
+        woken = False
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TooManyStreams(_STREAM_CAP_MESSAGE)
+            await self._slots.wait(tenant, remaining, first=woken)
+            woken = True
+            if time.monotonic() >= deadline:
+                raise TooManyStreams(_STREAM_CAP_MESSAGE)
+            with contextlib.suppress(TooManyStreams):  # woken: ask the limiter, past the hold
+                return await self._admit_capped(request, estimate, claim)
+
+    async def _admit_capped(self, request: StreamRequest, estimate: int, claim: Claim | None) -> Admission:
         try:
             return await self._admit_once(request, estimate, claim)
         except TooManyStreams:
-            self._streams_full[key.tenant] = time.monotonic() + STREAM_CAP_HOLD
+            self._streams_full[request.key.tenant] = time.monotonic() + STREAM_CAP_HOLD
             raise
+
+    def _queue_has_room(self, tenant: str, limits: LimitPolicy) -> bool:
+        """May one more request of the tenant wait here? At most its stream cap of them do."""
+        if not limits.stream_queue_ms:
+            return False
+        bound = limits.max_concurrent_streams
+        return bound is None or self._slots.waiting(tenant) < bound
 
     async def _admit_once(self, request: StreamRequest, estimate: int, claim: Claim | None) -> Admission:
         key = request.key
@@ -778,6 +818,7 @@ class StreamRegistry:
                     used_tokens=input_tokens + output_tokens,
                     now=time.time(),
                 )
+                self._slots.release(key.tenant)
             if priced is None:
                 return None
             log.info(

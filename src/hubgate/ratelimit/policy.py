@@ -2,7 +2,8 @@
 
 Every figure is optional: ``None`` means unlimited. Zero closes that door entirely (no request,
 no token, no connection or no stream is ever admitted), which is how an operator freezes a
-tenant's traffic without disabling it.
+tenant's traffic without disabling it. ``stream_queue_ms`` is not a limit but how long a request
+over the stream cap waits for a slot; ``None`` or zero: it is refused at once.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class LimitPolicy:
     per_user_request_burst: int | None = None  # default: per_user_requests_per_minute
     max_connections: int | None = None
     max_concurrent_streams: int | None = None
+    # How long a request over max_concurrent_streams may wait for a slot (hubgate.slots); none: refuse.
+    stream_queue_ms: int | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -87,9 +90,16 @@ class LimitPolicy:
             raise ValueError(f"divisor must be >= 1, got {divisor}")
         if divisor == 1:
             return self
-        return LimitPolicy(
-            **{f.name: _ceil_div(getattr(self, f.name), divisor) for f in dataclasses.fields(self)}
-        )
+        shares = {
+            f.name: _ceil_div(getattr(self, f.name), divisor)
+            for f in dataclasses.fields(self)
+            if f.name not in _NOT_SHARED
+        }
+        return dataclasses.replace(self, **shares)
+
+
+# Figures that are not an amount of capacity, so not split between instances.
+_NOT_SHARED = frozenset({"stream_queue_ms"})
 
 
 def _burst(rate: int | None, burst: int | None) -> int | None:
