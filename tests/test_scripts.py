@@ -204,3 +204,68 @@ async def test_a_claim_is_its_owners_whoever_creates_it(client: Redis) -> None:
         )
     snapshot = await limiter.snapshot(key.tenant, policy, now=time.time())
     assert snapshot["streams"] == 1
+
+
+async def test_the_time_to_answer_counts_from_when_the_call_leaves(client: Redis) -> None:
+    """A call kept waiting by a busy event loop before it leaves is not a slow Redis."""
+    runner = ScriptRunner(client)
+    call = asyncio.create_task(runner.run(ECHO, [], ["late"], reply_within=0.5))
+    await asyncio.sleep(0)  # the call is made; the runner has not sent it yet
+    time.sleep(1.0)  # noqa: ASYNC251  (the loop is busy for twice the time Redis has to answer)
+    assert await call == b"late"
+
+
+async def test_a_call_redis_does_not_answer_in_time_fails_and_its_reply_comes_late(
+    fresh_redis_server: RedisServer,
+) -> None:
+    redis = Redis.from_url(fresh_redis_server.url)
+    pauser = Redis.from_url(fresh_redis_server.url)
+    runner = ScriptRunner(redis)
+    key = f"k-{uuid.uuid4().hex}"
+    late: list[object] = []
+    arrived = asyncio.Event()
+
+    def on_late(reply: object) -> None:
+        late.append(reply)
+        arrived.set()
+
+    await runner.run(ECHO, [], ["warm"])  # the connection is open before Redis pauses
+    await pauser.execute_command("CLIENT", "PAUSE", 400, "ALL")
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await runner.run(INCR, [key], [5], reply_within=0.05, late=on_late)
+    assert time.monotonic() - started < 0.4  # failed before Redis answered
+    await asyncio.wait_for(arrived.wait(), 10)
+    assert late == [5]  # Redis ran it all the same, and whoever made the call learns it
+    assert await redis.get(key) == b"5"
+    await redis.aclose()
+    await pauser.aclose()
+
+
+async def test_an_admission_redis_made_after_its_caller_gave_up_is_given_back(
+    fresh_redis_server: RedisServer,
+) -> None:
+    """Without this, the stream slot stays taken until its lease expires."""
+    redis = Redis.from_url(fresh_redis_server.url)
+    pauser = Redis.from_url(fresh_redis_server.url)
+    limiter = RedisLimiter(redis, lease_ttl=600, reply_within=0.05)
+    policy = LimitPolicy(max_concurrent_streams=1, tokens_per_minute=1000)
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    warm = await limiter.admit(tenant, "u", policy, lease="warm", estimate_tokens=1, now=time.time())
+    await limiter.settle(warm, policy, used_tokens=1, now=time.time())
+    before = await limiter.snapshot(tenant, policy, now=time.time())
+    await pauser.execute_command("CLIENT", "PAUSE", 300, "ALL")
+    with pytest.raises(TimeoutError):
+        await limiter.admit(tenant, "u", policy, lease="gave-up", estimate_tokens=100, now=time.time())
+    async with asyncio.timeout(10):
+        while limiter.undone < 1:
+            await asyncio.sleep(0.01)
+    after = await limiter.snapshot(tenant, policy, now=time.time())
+    assert after["streams"] == 0  # the slot is free again
+    tokens_before, tokens_after = before["tokens_remaining"], after["tokens_remaining"]
+    assert tokens_before is not None and tokens_after is not None
+    assert tokens_after >= tokens_before  # the 100 reserved tokens came back
+    admitted = await limiter.admit(tenant, "u", policy, lease="next", estimate_tokens=1, now=time.time())
+    assert admitted.stream_lease
+    await redis.aclose()
+    await pauser.aclose()

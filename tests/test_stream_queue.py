@@ -121,9 +121,8 @@ async def test_close_wakes_everyone() -> None:
 
 
 def test_the_queue_is_a_tenant_limit_and_is_not_split_between_instances() -> None:
-    tenants = parse_tenants(
-        {"tenants": {"a": {"models": ["m"], "limits": {"max_concurrent_streams": 4, "stream_queue_ms": 2000}}}}
-    )
+    limits_block = {"max_concurrent_streams": 4, "stream_queue_ms": 2000}
+    tenants = parse_tenants({"tenants": {"a": {"models": ["m"], "limits": limits_block}}})
     limits = tenants["a"].limits
     assert limits.stream_queue_ms == 2000
     shared = limits.scaled(4)

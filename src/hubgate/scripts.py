@@ -10,6 +10,11 @@ The runner uses EVALSHA and handles NOSCRIPT (Redis restarted, failed over to a 
 the scripts, or was told SCRIPT FLUSH) by loading the script and running the call again.
 Errors reach the caller as redis-py raised them (``RedisError``, ``OSError``); a call that
 Redis answered with an error gets that error, the other calls of its pipeline their replies.
+
+A call may give Redis a time to answer (``reply_within``), counted from when its pipeline leaves,
+not from when the call was made: in a burst, calls wait for the event loop to get back to the
+runner, and that wait says nothing about Redis. A call past its time fails with ``TimeoutError``
+while the pipeline goes on (Redis may still run it; see ``RedisLimiter.admit``).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class _Call:
     keys: Sequence[str]
     args: Sequence[Arg]
     reply: asyncio.Future[Any]
+    reply_within: float | None = None
+    late: Callable[[Any], None] | None = None  # gets the reply of a call its caller gave up on
 
     def words(self) -> tuple[Arg, ...]:
         return (self.script.sha, len(self.keys), *self.keys, *self.args)
@@ -69,10 +76,23 @@ class ScriptRunner:
         """A reader of one of the counts, for a metric collected at scrape time."""
         return lambda: float(getattr(self, name))
 
-    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Any:
-        """Run one script; it leaves with every other call made before the loop moves on."""
+    async def run(
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[Arg],
+        *,
+        reply_within: float | None = None,
+        late: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """Run one script; it leaves with every other call made before the loop moves on.
+
+        ``reply_within``: seconds Redis has to answer once the call has left; TimeoutError after.
+        ``late``: called with Redis's reply when the call left but its caller had given up on it
+        (timed out or cancelled), so that what the script did can be undone.
+        """
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Call(script, keys, args, reply))
+        self._pending.append(_Call(script, keys, args, reply, reply_within, late))
         if self._sender is None:
             # A task's first step runs once the callbacks already scheduled have run: calls made
             # by them (the other parts of the same request's ending) join this batch.
@@ -87,6 +107,12 @@ class ScriptRunner:
         self.batches += 1
         self.calls += len(live)
         self.last_batch = tuple(call.script.sha for call in live)
+        loop = asyncio.get_running_loop()
+        timers = [
+            loop.call_later(call.reply_within, _time_out, call.reply)
+            for call in live
+            if call.reply_within is not None
+        ]
         try:
             replies = await self._execute(live)
             missing = [
@@ -105,8 +131,13 @@ class ScriptRunner:
             if not isinstance(exc, Exception):
                 raise
             return
+        finally:
+            for timer in timers:
+                timer.cancel()
         for call, reply in zip(live, replies, strict=True):
             if call.reply.done():
+                if call.late is not None and not isinstance(reply, Exception):
+                    call.late(reply)
                 continue
             if isinstance(reply, Exception):
                 call.reply.set_exception(reply)
@@ -125,3 +156,8 @@ class ScriptRunner:
                 pipe.evalsha(*call.words())  # type: ignore[arg-type]
             replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
+
+
+def _time_out(reply: asyncio.Future[Any]) -> None:
+    if not reply.done():
+        reply.set_exception(TimeoutError("redis did not answer in time"))

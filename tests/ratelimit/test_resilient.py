@@ -275,6 +275,22 @@ async def test_a_paused_redis_costs_two_timeouts_then_nothing(
         process.send_signal(signal.SIGCONT)
 
 
+async def test_a_busy_event_loop_is_not_a_redis_outage(local: ResilientLimiter) -> None:
+    """Calls that wait behind a busy loop before they leave still get Redis's answer: the time
+    Redis has to answer starts when a call leaves."""
+    policy = LimitPolicy(requests_per_minute=6000, max_concurrent_streams=100)
+    await quick(local.admit("acme", "u", policy, lease="i:c:warm", estimate_tokens=0, now=NOW))
+    calls = [
+        asyncio.create_task(local.admit("acme", "u", policy, lease=f"i:c:b{n}", estimate_tokens=0, now=NOW))
+        for n in range(20)
+    ]
+    await asyncio.sleep(0)  # every call is made and waits for the runner to send it
+    time.sleep(4 * TIMEOUT)  # noqa: ASYNC251  (the loop is busy for longer than Redis has to answer)
+    results = await quick(asyncio.gather(*calls))
+    assert {a.backend for a in results} == {"redis"}
+    assert local.stats.redis_failures == 0 and local.stats.fallbacks == 0
+
+
 async def test_concurrent_calls_during_an_outage_do_not_pile_up(
     local: ResilientLimiter, fresh_redis_server: RedisServer, clock: FakeClock
 ) -> None:

@@ -18,7 +18,10 @@ This is the bare adapter: redis-py errors propagate. The gateway uses it through
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +50,8 @@ from hubgate.ratelimit.base import (
 from hubgate.ratelimit.buckets import UNITS_PER_TOKEN, Bucket, to_ms
 from hubgate.ratelimit.policy import LimitPolicy
 from hubgate.scripts import Script, ScriptRunner
+
+log = logging.getLogger("hubgate.ratelimit")
 
 # A bucket key expires this long after the bucket would be full again. Expiring exactly then
 # would be correct for one clock; the slack covers gateways whose clocks run slightly behind,
@@ -312,6 +317,7 @@ class RedisLimiter:
         lease_ttl: float = 30.0,
         owns_client: bool = False,
         runner: ScriptRunner | None = None,
+        reply_within: float | None = None,
     ) -> None:
         if lease_ttl <= 0:
             raise ValueError(f"lease_ttl must be > 0, got {lease_ttl}")
@@ -320,6 +326,10 @@ class RedisLimiter:
         # Shared with the resume buffer and metering when given, so a request's last calls to
         # each leave in one pipeline; the runner must be on ``client``.
         self._runner = ScriptRunner(client) if runner is None else runner
+        # Time Redis has to answer a call once it has left (scripts.py); None: as long as it takes.
+        self.reply_within = reply_within
+        self._undoing: set[asyncio.Task[None]] = set()
+        self.undone = 0  # admissions made in Redis after their caller gave up, given back
         self._ttl_ms = to_ms(lease_ttl)
         self._key_ttl_ms = self._ttl_ms * LEASE_KEY_FACTOR
         # Per-call work kept off the hot path: key names per tenant, script arguments per policy.
@@ -343,7 +353,7 @@ class RedisLimiter:
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[str | bytes | int]) -> Any:
         """EVALSHA, loading the script once and retrying if Redis does not know it."""
-        return await self._runner.run(script, keys, args)
+        return await self._runner.run(script, keys, args, reply_within=self.reply_within)
 
     async def admit(
         self,
@@ -367,24 +377,48 @@ class RedisLimiter:
         if claim is not None:
             script_keys += (claim.key,)
             args += (claim.ttl_ms, claim.owner)
-        reply = _ints(await self.run(self.ADMIT, script_keys, args))
+
+        def admission_of(reply: list[int]) -> Admission:
+            limits = plan.rates
+            return build_admission(
+                tenant,
+                user,
+                policy,
+                limits,
+                lease=lease,
+                estimate_tokens=estimate_tokens,
+                requests=reply[2] if limits.requests is not None else None,
+                user_requests=reply[3] if limits.user_requests is not None else None,
+                tokens=reply[4] if limits.tokens is not None else None,
+                backend="redis",
+                claimed=claim is not None,
+            )
+
+        def late(raw: Any) -> None:
+            # The caller timed out or was cancelled, so nobody will settle what Redis admitted:
+            # give the stream slot and the reservation back now rather than at the lease's expiry.
+            reply = _ints(raw)
+            if reply[0] == 0:
+                self._give_back(admission_of(reply), policy)
+
+        raw = await self._runner.run(self.ADMIT, script_keys, args, reply_within=self.reply_within, late=late)
+        reply = _ints(raw)
         verdict = reply[0]
         if verdict:
             raise refusal(Verdict(verdict), reply[1])
-        limits = plan.rates
-        return build_admission(
-            tenant,
-            user,
-            policy,
-            limits,
-            lease=lease,
-            estimate_tokens=estimate_tokens,
-            requests=reply[2] if limits.requests is not None else None,
-            user_requests=reply[3] if limits.user_requests is not None else None,
-            tokens=reply[4] if limits.tokens is not None else None,
-            backend="redis",
-            claimed=claim is not None,
-        )
+        return admission_of(reply)
+
+    def _give_back(self, admission: Admission, policy: LimitPolicy) -> None:
+        async def settle() -> None:
+            try:
+                await self.settle(admission, policy, used_tokens=0, now=time.time())
+                self.undone += 1
+            except Exception:  # the lease then expires by itself within lease_ttl
+                log.warning("could not give back an admission whose caller gave up", exc_info=True)
+
+        task = asyncio.get_running_loop().create_task(settle())
+        self._undoing.add(task)
+        task.add_done_callback(self._undoing.discard)
 
     async def settle(
         self, admission: Admission, policy: LimitPolicy, *, used_tokens: int, now: float
@@ -445,5 +479,7 @@ class RedisLimiter:
         )
 
     async def aclose(self) -> None:
+        if self._undoing:
+            await asyncio.gather(*self._undoing, return_exceptions=True)
         if self._owns_client:
             await self._client.aclose()

@@ -137,6 +137,11 @@ class _Unreachable(Exception):
         self.cause = cause
 
 
+# The bound on a whole call (see ResilientLimiter.__init__): the larger of these.
+BACKSTOP_SECONDS = 1.0
+BACKSTOP_FACTOR = 20
+
+
 class ResilientLimiter:
     """A ``RedisLimiter`` with timeouts, one retry, a circuit breaker and a failure mode."""
 
@@ -160,7 +165,11 @@ class ResilientLimiter:
         self._primary = primary
         self._mode = mode
         self._instances = expected_instances
-        self._timeout = timeout
+        # Redis has `timeout` to answer once a call has left (ScriptRunner, reply_within); the time
+        # a call waits before it leaves, behind a busy event loop, is not Redis being slow. The
+        # overall bound only catches what is not a script call, or a call that never leaves.
+        primary.reply_within = timeout
+        self._timeout = max(BACKSTOP_SECONDS, BACKSTOP_FACTOR * timeout)
         self._clock = clock
         self._breaker = CircuitBreaker(failure_threshold=failure_threshold, reset_timeout=reset_timeout)
         self._local = MemoryLimiter(primary.lease_ttl, backend=LOCAL_BACKEND)
