@@ -411,7 +411,8 @@ class RedisLimiter:
     def _give_back(self, admission: Admission, policy: LimitPolicy) -> None:
         async def settle() -> None:
             try:
-                await self.settle(admission, policy, used_tokens=0, now=time.time())
+                # In the background: Redis may take its time, nobody waits for this.
+                await self._settle(admission, policy, used_tokens=0, now=time.time(), reply_within=None)
                 self.undone += 1
             except Exception:  # the lease then expires by itself within lease_ttl
                 log.warning("could not give back an admission whose caller gave up", exc_info=True)
@@ -423,9 +424,21 @@ class RedisLimiter:
     async def settle(
         self, admission: Admission, policy: LimitPolicy, *, used_tokens: int, now: float
     ) -> None:
+        reply_within = self.reply_within
+        await self._settle(admission, policy, used_tokens=used_tokens, now=now, reply_within=reply_within)
+
+    async def _settle(
+        self,
+        admission: Admission,
+        policy: LimitPolicy,
+        *,
+        used_tokens: int,
+        now: float,
+        reply_within: float | None,
+    ) -> None:
         check_count("used_tokens", used_tokens)
         keys = self._keys(admission.tenant)
-        await self.run(
+        await self._runner.run(
             self.SETTLE,
             (keys.tokens, keys.streams),
             (
@@ -434,6 +447,7 @@ class RedisLimiter:
                 *self._plans(policy).token_args,
                 admission.reserved_tokens - used_tokens,
             ),
+            reply_within=reply_within,
         )
 
     async def acquire_connection(self, tenant: str, policy: LimitPolicy, *, lease: str, now: float) -> None:
