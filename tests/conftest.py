@@ -37,6 +37,12 @@ def fresh_redis_server() -> Iterator[RedisServer]:
         server.stop()
 
 
+@pytest.fixture(params=["memory", "redis"])
+def limiter_url(request: pytest.FixtureRequest, redis_server: RedisServer) -> str | None:
+    """Run a test against the in-memory limiter (None) and against Redis (its URL)."""
+    return None if request.param == "memory" else redis_server.url
+
+
 @pytest.fixture(scope="session")
 def emulator() -> Iterator[EmulatorServer]:
     """The Bedrock runtime emulator in its own process, shared by the session."""

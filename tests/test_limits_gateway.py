@@ -44,17 +44,11 @@ def slow_chat(request_id: str, tokens: int = 40, delay_ms: int = 20, **fields: A
     return {"type": "chat", "id": request_id, "messages": [{"role": "user", "content": text}], **fields}
 
 
-@pytest.fixture(params=["memory", "redis"])
-def backend(request: pytest.FixtureRequest, redis_server: RedisServer) -> str | None:
-    """Run a test against the in-memory limiter and against Redis."""
-    return None if request.param == "memory" else redis_server.url
-
-
 async def test_request_bucket_refuses_with_exact_retry_after(
-    emulator: EmulatorServer, mint: Mint, tmp_path: Path, backend: str | None
+    emulator: EmulatorServer, mint: Mint, tmp_path: Path, limiter_url: str | None
 ) -> None:
     path, tenant = tenants_file(tmp_path, {"requests_per_minute": 60, "request_burst": 2})
-    settings = gateway_settings(emulator.url, tenants_file=path, redis_url=backend)
+    settings = gateway_settings(emulator.url, tenants_file=path, redis_url=limiter_url)
     async with running_gateway(settings):
         client = await Client.open(ws_url(settings), mint(tenant))
         first = await client.chat("a", QUICK)
@@ -70,10 +64,10 @@ async def test_request_bucket_refuses_with_exact_retry_after(
 
 
 async def test_token_reservation_refuses_then_refunds(
-    emulator: EmulatorServer, mint: Mint, tmp_path: Path, backend: str | None
+    emulator: EmulatorServer, mint: Mint, tmp_path: Path, limiter_url: str | None
 ) -> None:
     path, tenant = tenants_file(tmp_path, {"tokens_per_minute": 600, "token_burst": 600})
-    settings = gateway_settings(emulator.url, tenants_file=path, redis_url=backend)
+    settings = gateway_settings(emulator.url, tenants_file=path, redis_url=limiter_url)
     async with running_gateway(settings):
         client = await Client.open(ws_url(settings), mint(tenant))
         await client.send(slow_chat("big", tokens=5, delay_ms=50, max_tokens=500))
@@ -90,10 +84,10 @@ async def test_token_reservation_refuses_then_refunds(
 
 
 async def test_per_user_bucket(
-    emulator: EmulatorServer, mint: Mint, tmp_path: Path, backend: str | None
+    emulator: EmulatorServer, mint: Mint, tmp_path: Path, limiter_url: str | None
 ) -> None:
     path, tenant = tenants_file(tmp_path, {"per_user_requests_per_minute": 1})
-    settings = gateway_settings(emulator.url, tenants_file=path, redis_url=backend)
+    settings = gateway_settings(emulator.url, tenants_file=path, redis_url=limiter_url)
     async with running_gateway(settings):
         alice = await Client.open(ws_url(settings), mint(tenant, "alice"))
         bob = await Client.open(ws_url(settings), mint(tenant, "bob"))
@@ -105,10 +99,10 @@ async def test_per_user_bucket(
 
 
 async def test_tenant_stream_cap_across_connections(
-    emulator: EmulatorServer, mint: Mint, tmp_path: Path, backend: str | None
+    emulator: EmulatorServer, mint: Mint, tmp_path: Path, limiter_url: str | None
 ) -> None:
     path, tenant = tenants_file(tmp_path, {"max_concurrent_streams": 2})
-    settings = gateway_settings(emulator.url, tenants_file=path, redis_url=backend)
+    settings = gateway_settings(emulator.url, tenants_file=path, redis_url=limiter_url)
     async with running_gateway(settings):
         one = await Client.open(ws_url(settings), mint(tenant))
         two = await Client.open(ws_url(settings), mint(tenant, "bob"))
@@ -170,10 +164,10 @@ async def test_a_full_tenant_is_refused_without_asking_redis_again(
 
 
 async def test_connection_cap(
-    emulator: EmulatorServer, mint: Mint, tmp_path: Path, backend: str | None
+    emulator: EmulatorServer, mint: Mint, tmp_path: Path, limiter_url: str | None
 ) -> None:
     path, tenant = tenants_file(tmp_path, {"max_connections": 2})
-    settings = gateway_settings(emulator.url, tenants_file=path, redis_url=backend)
+    settings = gateway_settings(emulator.url, tenants_file=path, redis_url=limiter_url)
     async with running_gateway(settings):
         held = [await Client.open(ws_url(settings), mint(tenant)) for _ in range(2)]
         with pytest.raises(InvalidStatus) as refused:

@@ -108,15 +108,6 @@ async def test_the_head_of_a_line_is_woken_every_poll_while_anyone_waits() -> No
     assert not queue._ticks
 
 
-async def test_close_wakes_everyone() -> None:
-    queue = SlotQueue(poll=LONG_POLL)
-    tasks = [asyncio.create_task(queue.wait(t, 60)) for t in ("a", "b", "b")]
-    await asyncio.sleep(0)
-    queue.close()
-    await asyncio.wait_for(asyncio.gather(*tasks), 5)
-    assert queue.waiting() == 0
-
-
 # ---------------------------------------------------------------------------- configuration
 
 
@@ -155,16 +146,11 @@ async def started(client: Client, request_id: str) -> None:
             await client.next_frame()
 
 
-@pytest.fixture(params=["memory", "redis"])
-def backend(request: pytest.FixtureRequest, redis_server: RedisServer) -> str | None:
-    return None if request.param == "memory" else redis_server.url
-
-
 async def test_a_request_over_the_cap_waits_for_a_slot_instead_of_being_refused(
-    emulator: EmulatorServer, mint: Mint, tmp_path: Path, backend: str | None
+    emulator: EmulatorServer, mint: Mint, tmp_path: Path, limiter_url: str | None
 ) -> None:
     path, tenant = tenants_file(tmp_path, {"max_concurrent_streams": 1, "stream_queue_ms": 30000})
-    settings = gateway_settings(emulator.url, tenants_file=path, redis_url=backend)
+    settings = gateway_settings(emulator.url, tenants_file=path, redis_url=limiter_url)
     async with running_gateway(settings):
         holder = await Client.open(ws_url(settings), mint(tenant))
         waiter = await Client.open(ws_url(settings), mint(tenant, "bob"))
@@ -182,10 +168,10 @@ async def test_a_request_over_the_cap_waits_for_a_slot_instead_of_being_refused(
 
 
 async def test_a_request_that_waits_too_long_is_refused_and_the_line_holds_at_most_the_cap(
-    emulator: EmulatorServer, mint: Mint, tmp_path: Path, backend: str | None
+    emulator: EmulatorServer, mint: Mint, tmp_path: Path, limiter_url: str | None
 ) -> None:
     path, tenant = tenants_file(tmp_path, {"max_concurrent_streams": 1, "stream_queue_ms": 300})
-    settings = gateway_settings(emulator.url, tenants_file=path, redis_url=backend)
+    settings = gateway_settings(emulator.url, tenants_file=path, redis_url=limiter_url)
     async with running_gateway(settings):
         holder = await Client.open(ws_url(settings), mint(tenant))
         other = await Client.open(ws_url(settings), mint(tenant, "bob"))
@@ -229,10 +215,10 @@ async def test_a_waiting_request_can_be_cancelled(
 
 
 async def test_waiting_requests_are_admitted_in_arrival_order(
-    emulator: EmulatorServer, mint: Mint, tmp_path: Path, backend: str | None
+    emulator: EmulatorServer, mint: Mint, tmp_path: Path, limiter_url: str | None
 ) -> None:
     path, tenant = tenants_file(tmp_path, {"max_concurrent_streams": 2, "stream_queue_ms": 30000})
-    settings = gateway_settings(emulator.url, tenants_file=path, redis_url=backend)
+    settings = gateway_settings(emulator.url, tenants_file=path, redis_url=limiter_url)
     async with running_gateway(settings):
         client = await Client.open(ws_url(settings), mint(tenant))
         await client.send(slow_chat("short", tokens=10, delay_ms=20))

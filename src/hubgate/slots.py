@@ -71,14 +71,6 @@ class SlotQueue:
         if not line:
             self._forget(tenant)
 
-    def close(self) -> None:
-        """Wake everyone (each finds its deadline or the limiter's answer) and stop the timers."""
-        for tenant in list(self._lines):
-            line = self._lines[tenant]
-            while line:
-                _wake(line.popleft())
-            self._forget(tenant)
-
     def _tick(self, tenant: str) -> None:
         del self._ticks[tenant]
         self.release(tenant)
