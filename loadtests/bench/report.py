@@ -251,6 +251,17 @@ def evaluate(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _cap_basis(shed: dict[str, Any]) -> str:
+    """How the shedding phase's cap relates to the saturation figure (older results: it was that figure)."""
+    saturation = shed.get("saturation")
+    if saturation is None:
+        return "the saturation figure"
+    return (
+        f"{num(100 * shed['cap'] / saturation, 0)} % of the saturation figure, {saturation}: the core is left "
+        "headroom to refuse the rest"
+    )
+
+
 def _shed_ok(variant: dict[str, Any]) -> bool:
     return variant["refused"] > 0 and variant["other_errors"] == 0 and bool(variant["keeps_latency"])
 
@@ -708,7 +719,7 @@ def markdown(results: dict[str, Any], charts: list[Path], *, base: Path, repo: P
         out += [
             "## Shedding at twice saturation",
             "",
-            f"A tenant capped at `max_concurrent_streams: {shed['cap']}` (the saturation figure) is offered "
+            f"A tenant capped at `max_concurrent_streams: {shed['cap']}` ({_cap_basis(shed)}) is offered "
             f"{shed['offered_streams']} concurrent streams by closed-loop clients; a refused client waits "
             f"{shed['retry_s']:g} s (±50 %) and tries again. Run twice: with the default, where a request "
             "over the cap is refused at once, and with `stream_queue_ms`, where it waits in line for a "
