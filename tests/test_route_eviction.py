@@ -2,14 +2,13 @@
 old client (its connections and its credential refresher) goes, never under a running stream and
 never while another tenant still maps to it. Real STS (moto), the real Bedrock emulator.
 
-``Forwarder`` sits between a route's client and the emulator and counts the client's open TCP
+``TcpProxy`` (tests/support) sits between a route's client and the emulator and counts the client's open TCP
 connections, so a test sees the client's connection pool really close.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -19,12 +18,13 @@ from hubgate.errors import UpstreamError
 from hubgate.providers.base import Completion, ProviderRequest, Route, Turn
 from hubgate.providers.routes import RouteAssignments, RouteClient, RouteClients, Target, retirement_delay
 from hubgate.registry import FileRegistry
+from hubgate.tenants import Tenant
 from tests.conftest import ws_url
 from tests.support.client import Client, text_of
 from tests.support.emulator_server import EmulatorServer
 from tests.support.gateway_server import gateway_settings, running_gateway
 from tests.support.moto_server import MotoServer
-from tests.support.redis_server import free_port
+from tests.support.tcp_proxy import TcpProxy
 from tests.test_routes import (
     MODEL,
     StsProxy,
@@ -43,74 +43,6 @@ PACED = "[[emulator:tokens=30]] [[emulator:token_delay_ms=20]]"
 # ---------------------------------------------------------------------------- fixtures and helpers
 
 
-class Forwarder:
-    """A TCP forwarder to one port that knows how many connections through it are open."""
-
-    def __init__(self, target_port: int) -> None:
-        self.port = free_port()
-        self.target_port = target_port
-        self.open = 0
-        self._changed = asyncio.Condition()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-
-    async def wait_open(self, count: int, timeout: float = 5.0) -> None:
-        """Return once exactly ``count`` connections are open."""
-        async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(lambda: self.open == count)
-
-    async def _count(self, change: int) -> None:
-        async with self._changed:
-            self.open += change
-            self._changed.notify_all()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        await self._count(1)
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-            # The client closing its end is what ends this connection (the emulator keeps it alive).
-            upstream = asyncio.create_task(self._pipe(up_reader, writer))
-            await self._pipe(reader, up_writer)
-            upstream.cancel()
-            await asyncio.gather(upstream, return_exceptions=True)
-        finally:
-            with contextlib.suppress(ConnectionError, OSError):
-                writer.close()
-            await self._count(-1)
-            self._tasks.discard(task)
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            with contextlib.suppress(ConnectionError, OSError):
-                writer.close()
-
-
 @pytest.fixture
 async def sts(moto_server: MotoServer) -> AsyncIterator[StsProxy]:
     proxy = StsProxy(moto_server.url)
@@ -122,8 +54,8 @@ async def sts(moto_server: MotoServer) -> AsyncIterator[StsProxy]:
 
 
 @pytest.fixture
-async def forwarder(emulator: EmulatorServer) -> AsyncIterator[Forwarder]:
-    server = Forwarder(emulator.port)
+async def forwarder(emulator: EmulatorServer) -> AsyncIterator[TcpProxy]:
+    server = TcpProxy(emulator.port)
     await server.start()
     try:
         yield server
@@ -154,6 +86,12 @@ async def route_client(routes: RouteClients, tenant: str, route: Route) -> Route
 async def closed(client: RouteClient, timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         await client.wait_closed()
+
+
+def registered(tenant_id: str, route: Route | None) -> Tenant:
+    return Tenant(
+        id=tenant_id, name=tenant_id, enabled=True, models=(MODEL,), default_model=MODEL, route=route
+    )
 
 
 def refreshers(tenant: str) -> list[asyncio.Task[object]]:
@@ -193,7 +131,7 @@ def test_assignments_report_a_target_when_its_last_tenant_leaves() -> None:
 
 
 async def test_a_changed_role_route_closes_the_old_client_and_its_refresher(
-    emulator: EmulatorServer, moto_server: MotoServer, sts: StsProxy, forwarder: Forwarder
+    emulator: EmulatorServer, moto_server: MotoServer, sts: StsProxy, forwarder: TcpProxy
 ) -> None:
     old_route = Route(role_arn=role("hubgate-old"), endpoint_url=forwarder.url)
     new_route = Route(role_arn=role("hubgate-new"))
@@ -224,7 +162,7 @@ async def test_a_changed_role_route_closes_the_old_client_and_its_refresher(
 
 
 async def test_a_stream_on_the_old_client_finishes_before_the_client_closes(
-    emulator: EmulatorServer, sts: StsProxy, forwarder: Forwarder
+    emulator: EmulatorServer, sts: StsProxy, forwarder: TcpProxy
 ) -> None:
     old_route = Route(region="eu-west-1", endpoint_url=forwarder.url)
     new_route = Route(region="eu-west-2")
@@ -252,7 +190,7 @@ async def test_a_stream_on_the_old_client_finishes_before_the_client_closes(
 
 
 async def test_a_client_shared_by_two_tenants_stays_open_while_one_still_uses_it(
-    emulator: EmulatorServer, sts: StsProxy, forwarder: Forwarder
+    emulator: EmulatorServer, sts: StsProxy, forwarder: TcpProxy
 ) -> None:
     shared = Route(region="eu-west-1", endpoint_url=forwarder.url)
     async with route_clients(emulator, sts, retire_grace_seconds=0) as routes:
@@ -273,7 +211,7 @@ async def test_a_client_shared_by_two_tenants_stays_open_while_one_still_uses_it
 
 
 async def test_an_old_client_handed_out_within_the_grace_stays_usable(
-    emulator: EmulatorServer, sts: StsProxy, forwarder: Forwarder
+    emulator: EmulatorServer, sts: StsProxy, forwarder: TcpProxy
 ) -> None:
     # A request that resolved the old route just before the change (e.g. between two retries of
     # its upstream call, when no stream runs) can still use the client it was given.
@@ -290,6 +228,47 @@ async def test_an_old_client_handed_out_within_the_grace_stays_usable(
     await forwarder.wait_open(0)
 
 
+async def test_a_tenant_gone_from_the_registry_lets_go_of_its_client(
+    emulator: EmulatorServer, sts: StsProxy, forwarder: TcpProxy
+) -> None:
+    route = Route(region="eu-west-1", endpoint_url=forwarder.url)
+    kept = Route(region="eu-west-2")
+    registry = {"stayer": registered("stayer", kept)}
+    async with route_clients(emulator, sts, retire_grace_seconds=0) as routes:
+        leaver = await route_client(routes, "leaver", route)
+        stayer = await route_client(routes, "stayer", kept)
+        await reply(routes, "leaver", route, "before removal")
+        await forwarder.wait_open(1)
+
+        # No request of the removed tenant comes again: the periodic look at the registry is
+        # what closes its client. The tenant still there keeps its own.
+        follower = asyncio.create_task(routes.follow(registry.get, interval=0.05))
+        try:
+            await closed(leaver)
+            await forwarder.wait_open(0)
+        finally:
+            follower.cancel()
+        assert not stayer.closed and routes.clients == 2
+        assert await route_client(routes, "stayer", kept) is stayer
+
+
+async def test_a_route_changed_in_the_registry_lets_go_of_the_old_client_without_a_request(
+    emulator: EmulatorServer, sts: StsProxy, forwarder: TcpProxy
+) -> None:
+    old_route, new_route = Route(region="eu-west-1", endpoint_url=forwarder.url), Route(region="eu-west-2")
+    async with route_clients(emulator, sts, retire_grace_seconds=0) as routes:
+        old = await route_client(routes, "mover", old_route)
+        await reply(routes, "mover", old_route, "before the move")
+        routes.reconcile({"mover": registered("mover", old_route)}.get)
+        assert not old.closed  # unchanged: nothing to let go of
+
+        routes.reconcile({"mover": registered("mover", new_route)}.get)
+        await closed(old)
+        await forwarder.wait_open(0)
+        new = await route_client(routes, "mover", new_route)  # created on the next request
+        assert not new.closed and routes.clients == 2
+
+
 # ---------------------------------------------------------------------------- through the gateway
 
 
@@ -302,6 +281,8 @@ async def test_a_reloaded_route_serves_new_requests_while_a_running_stream_ends_
     registry = FileRegistry.from_file(path)
     settings = gateway_settings(emulator.url, tenants_file=path, sts_endpoint_url=sts.url)
     async with running_gateway(settings, tenants=registry):
+        # The gateway looks at the registry for tenants that left their route (tested above).
+        [follower] = [t for t in asyncio.all_tasks() if t.get_name() == "hubgate-routes"]
         before = await Client.open(ws_url(settings), token("mover"))
         await before.send(
             {"type": "chat", "id": "long", "messages": [{"role": "user", "content": f"old-route {PACED}"}]}
@@ -317,6 +298,7 @@ async def test_a_reloaded_route_serves_new_requests_while_a_running_stream_ends_
         for client in (before, after):
             await client.close()
 
+    assert follower.done()  # stopped with the gateway
     assert new_frames[-1]["type"] == "end"
     assert len(await emulator_requests(second_emulator, "new-route ")) == 1
     assert old_frames[-1]["type"] == "end" and old_frames[-1]["stop_reason"] == "end_turn"

@@ -257,8 +257,8 @@ def _cap_basis(shed: dict[str, Any]) -> str:
     if saturation is None:
         return "the saturation figure"
     return (
-        f"{num(100 * shed['cap'] / saturation, 0)} % of the saturation figure, {saturation}: the core is left "
-        "headroom to refuse the rest"
+        f"{num(100 * shed['cap'] / saturation, 0)} % of the saturation figure, {saturation}: the core "
+        "is left headroom to refuse the rest"
     )
 
 

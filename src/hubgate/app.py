@@ -176,6 +176,7 @@ def create_app(
                 store = MemoryUsageStore()
 
             providers: ProviderResolver
+            routes: RouteClients | None = None
             if provider is not None:
                 providers = SingleProvider(provider)  # an embedder's provider, closed by the embedder
             else:
@@ -242,6 +243,12 @@ def create_app(
             stack.callback(watchdog.cancel)
             readers = asyncio.create_task(streams.watch_readers(), name="hubgate-resume-readers")
             stack.callback(readers.cancel)
+            if routes is not None:
+                # A tenant removed or re-routed in the registry lets go of its old route client.
+                follower = asyncio.create_task(
+                    routes.follow(registry.get, settings.registry_refresh_seconds), name="hubgate-routes"
+                )
+                stack.callback(follower.cancel)
             log.info("hubgate ready", extra={"instance": settings.instance_id})
             yield
 

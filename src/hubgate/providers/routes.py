@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aioboto3
 import aiohttp
@@ -46,6 +46,9 @@ from hubgate.errors import UpstreamError
 from hubgate.providers.base import Completion, Provider, ProviderRequest, Route
 from hubgate.providers.bedrock import BedrockProvider
 from hubgate.settings import Settings
+
+if TYPE_CHECKING:
+    from hubgate.tenants import Tenant
 
 log = logging.getLogger("hubgate.routes")
 
@@ -190,6 +193,10 @@ class RouteAssignments:
 
     def __contains__(self, target: object) -> bool:
         return target in self._tenants
+
+    def tenants(self) -> list[str]:
+        """The tenants recorded on a route client now (not those on the hub's)."""
+        return list(self._targets)
 
     def assign(self, tenant_id: str, target: Target | None) -> Target | None:
         """Record that ``tenant_id`` resolves to ``target`` now; return the target it left when no
@@ -551,6 +558,33 @@ class RouteClients:
             # The tenant may have moved to another route while this one was being created.
             self._consider(target)
             return provider
+
+    def reconcile(self, lookup: Callable[[str], Tenant | None]) -> None:
+        """Resolve every tenant recorded on a route client against the registry now.
+
+        A tenant that is gone, or whose route changed, leaves its old client even when it sends
+        no more requests; that client then closes as any other no tenant maps to (``_consider``).
+        """
+        if self._closed:
+            return
+        for tenant_id in self._assignments.tenants():
+            tenant = lookup(tenant_id)
+            target = (
+                None
+                if tenant is None
+                else route_target(
+                    tenant_id, tenant.route, hub_region=self._region, hub_endpoint_url=self._endpoint_url
+                )
+            )
+            left = self._assignments.assign(tenant_id, target)
+            if left is not None:
+                self._consider(left)
+
+    async def follow(self, lookup: Callable[[str], Tenant | None], interval: float) -> None:
+        """Call :meth:`reconcile` every ``interval`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            self.reconcile(lookup)
 
     async def aclose(self) -> None:
         """Close every client: the routes', the hub's and STS."""
