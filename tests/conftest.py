@@ -13,6 +13,7 @@ from tests.support.emulator_server import EmulatorServer
 from tests.support.gateway_server import TEST_SECRET, gateway_settings, running_gateway
 from tests.support.moto_server import MotoServer
 from tests.support.redis_server import RedisServer
+from tests.support.sts_proxy import StsProxy
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +53,28 @@ def emulator() -> Iterator[EmulatorServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def second_emulator() -> Iterator[EmulatorServer]:
+    """Another emulator process, for a test that needs two distinct Bedrock endpoints."""
+    server = EmulatorServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def sts(moto_server: MotoServer) -> AsyncIterator[StsProxy]:
+    """STS for route tests: moto behind a proxy that records and can refuse AssumeRole."""
+    proxy = StsProxy(moto_server.url)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ connections, so a test sees the client's connection pool really close.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -24,10 +24,10 @@ from tests.support.client import Client, text_of
 from tests.support.emulator_server import EmulatorServer
 from tests.support.gateway_server import gateway_settings, running_gateway
 from tests.support.moto_server import MotoServer
+from tests.support.sts_proxy import StsProxy
 from tests.support.tcp_proxy import TcpProxy
 from tests.test_routes import (
     MODEL,
-    StsProxy,
     emulator_requests,
     moto_assumed,
     reply,
@@ -44,16 +44,6 @@ PACED = "[[emulator:tokens=30]] [[emulator:token_delay_ms=20]]"
 
 
 @pytest.fixture
-async def sts(moto_server: MotoServer) -> AsyncIterator[StsProxy]:
-    proxy = StsProxy(moto_server.url)
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.stop()
-
-
-@pytest.fixture
 async def forwarder(emulator: EmulatorServer) -> AsyncIterator[TcpProxy]:
     server = TcpProxy(emulator.port)
     await server.start()
@@ -61,16 +51,6 @@ async def forwarder(emulator: EmulatorServer) -> AsyncIterator[TcpProxy]:
         yield server
     finally:
         await server.stop()
-
-
-@pytest.fixture
-def second_emulator() -> Iterator[EmulatorServer]:
-    server = EmulatorServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def request(text: str) -> ProviderRequest:

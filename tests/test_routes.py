@@ -1,7 +1,7 @@
 """Per-tenant routes: assumed-role credentials from STS (moto), refresh before expiry, one client
 per route, STS failures, endpoint overrides — through the real gateway and the Bedrock emulator.
 
-STS calls go through ``StsProxy``, a pass-through to moto that records each AssumeRole, can
+STS calls go through ``StsProxy`` (tests/support), a pass-through to moto that records each AssumeRole, can
 delay it, and can refuse a role with STS's own ``AccessDenied`` answer (moto assumes any role).
 """
 
@@ -11,16 +11,14 @@ import asyncio
 import contextlib
 import os
 import time
-import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
-from aiohttp import web
 
 from hubgate.errors import UpstreamError
 from hubgate.providers.base import Completion, ProviderRequest, Route, Turn
@@ -39,97 +37,14 @@ from tests.support.client import Client, text_of
 from tests.support.emulator_server import EmulatorServer
 from tests.support.gateway_server import TEST_SECRET, ensure_aws_env, gateway_settings, running_gateway
 from tests.support.moto_server import MotoServer
-from tests.support.redis_server import free_port
+from tests.support.sts_proxy import StsProxy
 
 MODEL = "amazon.nova-lite-v1:0"
 SLOW_REPLY = "[[emulator:tokens=60]] [[emulator:token_delay_ms=100]]"  # six seconds
 ACCOUNT = "111122223333"
 
-ACCESS_DENIED = """<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
-  <Error>
-    <Type>Sender</Type>
-    <Code>AccessDenied</Code>
-    <Message>User: arn:aws:sts::999988887777:assumed-role/hub/task is not authorized to perform:
-      sts:AssumeRole on resource: {role}</Message>
-  </Error>
-  <RequestId>{request_id}</RequestId>
-</ErrorResponse>"""
-
 
 # ---------------------------------------------------------------------------- fixtures and helpers
-
-
-class StsProxy:
-    """An STS endpoint that forwards to moto; records AssumeRole calls, delays or refuses them."""
-
-    def __init__(self, moto_url: str) -> None:
-        self.moto_url = moto_url
-        self.port = free_port()
-        self.calls: list[dict[str, str]] = []
-        self.denied: set[str] = set()
-        self.delay = 0.0
-        self._runner: web.AppRunner | None = None
-        self._http = httpx.AsyncClient(timeout=10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def calls_for(self, role_arn: str) -> list[dict[str, str]]:
-        return [call for call in self.calls if call.get("RoleArn") == role_arn]
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-        await self._http.aclose()
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        params = dict(urllib.parse.parse_qsl(body.decode()))
-        if params.get("Action") == "AssumeRole":
-            self.calls.append(params)
-            if self.delay:
-                await asyncio.sleep(self.delay)
-            role = params.get("RoleArn", "")
-            if role in self.denied:
-                text = ACCESS_DENIED.format(role=role, request_id=uuid.uuid4())
-                return web.Response(status=403, text=text, content_type="text/xml")
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-        answer = await self._http.request(
-            request.method, f"{self.moto_url}{request.path_qs}", content=body, headers=headers
-        )
-        return web.Response(
-            status=answer.status_code,
-            body=answer.content,
-            headers={"Content-Type": answer.headers.get("content-type", "text/xml")},
-        )
-
-
-@pytest.fixture
-async def sts(moto_server: MotoServer) -> AsyncIterator[StsProxy]:
-    proxy = StsProxy(moto_server.url)
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.stop()
-
-
-@pytest.fixture
-def second_emulator() -> Iterator[EmulatorServer]:
-    server = EmulatorServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def role(name: str) -> str:
