@@ -581,10 +581,14 @@ class RouteClients:
                 self._consider(left)
 
     async def follow(self, lookup: Callable[[str], Tenant | None], interval: float) -> None:
-        """Call :meth:`reconcile` every ``interval`` seconds until cancelled."""
+        """Call :meth:`reconcile` every ``interval`` seconds until cancelled; a failed look is
+        logged and tried again at the next interval."""
         while True:
             await asyncio.sleep(interval)
-            self.reconcile(lookup)
+            try:
+                self.reconcile(lookup)
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive one bad look
+                log.warning("checking route clients against the registry failed (%s)", type(exc).__name__)
 
     async def aclose(self) -> None:
         """Close every client: the routes', the hub's and STS."""
