@@ -3,7 +3,6 @@ writes served at once (DynamoDB through moto), and a model retired while a strea
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -223,9 +222,7 @@ async def test_a_retired_model_is_refused_next_while_a_running_stream_finishes(
             ],
         }
     )
-    async with asyncio.timeout(10):
-        while not any(f["type"] == "delta" for f in client.by_id["long"]):
-            await client.next_frame()
+    await client.until_frame("long", "delta")
 
     async with httpx.AsyncClient(base_url=base(settings), headers=admin_headers(mint)) as http:
         assert (await http.post(f"/models/{NOVA}/disable")).status_code == 200

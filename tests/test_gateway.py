@@ -258,8 +258,7 @@ async def test_client_disconnect_cancels_upstream_after_the_grace_period(
                 ],
             }
         )
-        while not [f for f in client.by_id["gone"] if f["type"] == "delta"]:
-            await client.next_frame()
+        await client.until_frame("gone", "delta")
         await client.close()
         await wait_for_counter(emulator, "client_disconnected", before + 1)
 

@@ -71,8 +71,7 @@ async def test_token_reservation_refuses_then_refunds(
     async with running_gateway(settings):
         client = await Client.open(ws_url(settings), mint(tenant))
         await client.send(slow_chat("big", tokens=5, delay_ms=50, max_tokens=500))
-        while not client.by_id["big"]:
-            await client.next_frame()
+        await client.until_frame("big")
         # The first request reserved ~500 tokens of 600: a second one of that size cannot fit.
         refused = await client.chat("second", QUICK, max_tokens=500)
         assert refused[-1]["code"] == "token_rate_limited" and refused[-1]["retry_after"] > 0
@@ -139,8 +138,7 @@ async def test_a_full_tenant_is_refused_without_asking_redis_again(
         holder = await Client.open(ws_url(one), mint(tenant))
         other = await Client.open(ws_url(two), mint(tenant, "bob"))
         await holder.send(slow_chat("held"))
-        while not holder.by_id["held"]:
-            await holder.next_frame()
+        await holder.until_frame("held")
         assert (await other.chat("r1", QUICK))[-1]["code"] == "too_many_streams"  # Redis said so
         before = await evalsha_calls()
         held = await other.chat("r2", QUICK)  # instance two said so, with the same frame

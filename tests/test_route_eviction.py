@@ -277,8 +277,7 @@ async def test_a_reloaded_route_serves_new_requests_while_a_running_stream_ends_
         await before.send(
             {"type": "chat", "id": "long", "messages": [{"role": "user", "content": f"old-route {PACED}"}]}
         )
-        while not any(f["type"] == "delta" for f in before.by_id["long"]):
-            await before.next_frame()
+        await before.until_frame("long", "delta")
 
         tenants_file(tmp_path, {"mover": new_route})
         await registry.refresh()

@@ -140,12 +140,6 @@ async def until_queued(settings: Settings, count: int) -> None:
             await asyncio.sleep(0.01)
 
 
-async def started(client: Client, request_id: str) -> None:
-    async with asyncio.timeout(10):
-        while not client.by_id[request_id]:
-            await client.next_frame()
-
-
 async def test_a_request_over_the_cap_waits_for_a_slot_instead_of_being_refused(
     emulator: EmulatorServer, mint: Mint, tmp_path: Path, limiter_url: str | None
 ) -> None:
@@ -155,7 +149,7 @@ async def test_a_request_over_the_cap_waits_for_a_slot_instead_of_being_refused(
         holder = await Client.open(ws_url(settings), mint(tenant))
         waiter = await Client.open(ws_url(settings), mint(tenant, "bob"))
         await holder.send(slow_chat("held", tokens=20, delay_ms=20))
-        await started(holder, "held")
+        await holder.until_frame("held")
         await waiter.send({"type": "chat", "id": "q", "messages": [{"role": "user", "content": QUICK}]})
         await until_queued(settings, 1)
         assert not waiter.by_id["q"]
@@ -176,7 +170,7 @@ async def test_a_request_that_waits_too_long_is_refused_and_the_line_holds_at_mo
         holder = await Client.open(ws_url(settings), mint(tenant))
         other = await Client.open(ws_url(settings), mint(tenant, "bob"))
         await holder.send(slow_chat("held", tokens=200, delay_ms=20))
-        await started(holder, "held")
+        await holder.until_frame("held")
         sent = time.monotonic()
         await other.send({"type": "chat", "id": "q1", "messages": [{"role": "user", "content": QUICK}]})
         await until_queued(settings, 1)
@@ -201,7 +195,7 @@ async def test_a_waiting_request_can_be_cancelled(
     async with running_gateway(settings):
         client = await Client.open(ws_url(settings), mint(tenant))
         await client.send(slow_chat("held", tokens=200, delay_ms=20))
-        await started(client, "held")
+        await client.until_frame("held")
         await client.send({"type": "chat", "id": "q", "messages": [{"role": "user", "content": QUICK}]})
         await until_queued(settings, 1)
         await client.send({"type": "cancel", "id": "q"})
@@ -223,19 +217,19 @@ async def test_waiting_requests_are_admitted_in_arrival_order(
         client = await Client.open(ws_url(settings), mint(tenant))
         await client.send(slow_chat("short", tokens=10, delay_ms=20))
         await client.send(slow_chat("long", tokens=400, delay_ms=20))
-        await started(client, "short")
-        await started(client, "long")
+        await client.until_frame("short")
+        await client.until_frame("long")
         for request_id, count in (("q1", 1), ("q2", 2)):
             await client.send(slow_chat(request_id, tokens=400, delay_ms=20))
             await until_queued(settings, count)
         # "short" frees a slot: the first in line gets it; the second still waits for "long".
         assert (await client.until_terminal("short"))[-1]["type"] == "end"
-        await started(client, "q1")
+        await client.until_frame("q1")
         await until_queued(settings, 1)
         assert not client.by_id["q2"]
         await client.send({"type": "cancel", "id": "long"})
         assert (await client.until_terminal("long"))[-1]["stop_reason"] == "cancelled"
-        await started(client, "q2")
+        await client.until_frame("q2")
         assert client.by_id["q2"][0]["type"] == "start"
         await until_queued(settings, 0)
         for request_id in ("q1", "q2"):
@@ -254,7 +248,7 @@ async def test_a_slot_freed_on_another_instance_is_found_without_the_client_retr
         holder = await Client.open(ws_url(one), mint(tenant))
         waiter = await Client.open(ws_url(two), mint(tenant, "bob"))
         await holder.send(slow_chat("held", tokens=20, delay_ms=20))
-        await started(holder, "held")
+        await holder.until_frame("held")
         await waiter.send({"type": "chat", "id": "q", "messages": [{"role": "user", "content": QUICK}]})
         await until_queued(two, 1)
         assert (await holder.until_terminal("held"))[-1]["type"] == "end"

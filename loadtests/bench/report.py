@@ -270,10 +270,8 @@ def evaluate(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _cap_basis(shed: dict[str, Any]) -> str:
-    """How the shedding phase's cap relates to the saturation figure (older results: it was that figure)."""
-    saturation = shed.get("saturation")
-    if saturation is None:
-        return "the saturation figure"
+    """How the shedding phase's cap relates to the saturation figure."""
+    saturation = shed["saturation"]
     return (
         f"{num(100 * shed['cap'] / saturation, 0)} % of the saturation figure, {saturation}: the core "
         "is left headroom to refuse the rest"

@@ -80,6 +80,12 @@ class Client:
                 await self.next_frame(timeout)
         return self.by_id[request_id]
 
+    async def until_frame(self, request_id: str, kind: str | None = None, timeout: float = 10.0) -> None:
+        """Read until `request_id` has a frame (of type `kind`, when given): it started streaming."""
+        async with asyncio.timeout(timeout):
+            while not any(kind is None or f["type"] == kind for f in self.by_id[request_id]):
+                await self.next_frame(timeout)
+
     async def chat(self, request_id: str, text: str, **fields: Any) -> list[dict[str, Any]]:
         await self.send(
             {"type": "chat", "id": request_id, "messages": [{"role": "user", "content": text}], **fields}

@@ -516,7 +516,7 @@ class RouteClients:
     async def provider_for(self, tenant_id: str, route: Route | None) -> Provider:
         if self._closed or self._hub is None:
             raise UpstreamError("the gateway is not serving requests", retryable=False)
-        target = route_target(tenant_id, route, hub_region=self._region, hub_endpoint_url=self._endpoint_url)
+        target = self._target(tenant_id, route)
         left = self._assignments.assign(tenant_id, target)
         if left is not None:  # the tenant's route changed and no other tenant uses the old one
             self._consider(left)
@@ -559,6 +559,9 @@ class RouteClients:
             self._consider(target)
             return provider
 
+    def _target(self, tenant_id: str, route: Route | None) -> Target | None:
+        return route_target(tenant_id, route, hub_region=self._region, hub_endpoint_url=self._endpoint_url)
+
     def reconcile(self, lookup: Callable[[str], Tenant | None]) -> None:
         """Resolve every tenant recorded on a route client against the registry now.
 
@@ -569,13 +572,7 @@ class RouteClients:
             return
         for tenant_id in self._assignments.tenants():
             tenant = lookup(tenant_id)
-            target = (
-                None
-                if tenant is None
-                else route_target(
-                    tenant_id, tenant.route, hub_region=self._region, hub_endpoint_url=self._endpoint_url
-                )
-            )
+            target = None if tenant is None else self._target(tenant_id, tenant.route)
             left = self._assignments.assign(tenant_id, target)
             if left is not None:
                 self._consider(left)
