@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/hubgate dev
+	$(BIN)/hubgate dev $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests loadtests

@@ -19,7 +19,7 @@ from tests.support.tcp_proxy import TcpProxy
 Mint = Callable[..., str]
 
 
-async def start_chat(url: str, token: str) -> asyncio.subprocess.Process:
+async def start_chat(url: str, token: str, *options: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -29,6 +29,7 @@ async def start_chat(url: str, token: str) -> asyncio.subprocess.Process:
         url,
         "--token",
         token,
+        *options,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -82,6 +83,29 @@ async def test_chat_streams_multi_turn_with_a_server_session(emulator: EmulatorS
         # The second turn carried the first one from the server-side session.
         assert len(second["body"]["messages"]) == 3
         assert second["body"]["messages"][1]["content"][0]["text"] == "red green blue"
+
+
+@pytest.mark.parametrize(
+    ("options", "code"),
+    [
+        (("--max-tokens", "300000"), "invalid_message"),
+        (("--model", "bogus.model-v1:0"), "model_not_allowed"),
+    ],
+)
+async def test_a_request_refused_before_it_starts_is_shown_and_the_client_goes_on(
+    emulator: EmulatorServer, mint: Mint, options: tuple[str, ...], code: str
+) -> None:
+    settings = gateway_settings(emulator.url)
+    async with running_gateway(settings):
+        chat = await start_chat(f"ws://127.0.0.1:{settings.port}/v1/stream", mint(), *options)
+        out: list[str] = []
+        await read_until(chat, "connected as", out)
+        await send_line(chat, "hello")
+        await read_until(chat, f"[{code}]", out)
+        await send_line(chat, "/usage")  # the prompt came back: the client is not stuck on the reply
+        await read_until(chat, "0 replies", out)
+        await send_line(chat, "/quit")
+        assert await asyncio.wait_for(chat.wait(), 15) == 0
 
 
 async def test_ctrl_c_cancels_the_reply_not_the_client(emulator: EmulatorServer, mint: Mint) -> None:

@@ -19,6 +19,7 @@ from tests.conftest import ws_url
 from tests.support.client import Client, seqs_of, text_of
 from tests.support.emulator_server import EmulatorServer
 from tests.support.gateway_server import gateway_settings, running_gateway
+from tests.support.redis_server import RedisServer
 
 Mint = Callable[..., str]
 HAIKU = "anthropic.claude-3-5-haiku-20241022-v1:0"
@@ -242,6 +243,73 @@ async def test_cancel_unknown_request(gateway: Settings, mint: Mint) -> None:
     await client.close()
 
 
+async def test_cancel_of_a_finished_request_is_stream_not_found(
+    emulator: EmulatorServer, mint: Mint, limiter_url: str | None
+) -> None:
+    settings = gateway_settings(emulator.url, redis_url=limiter_url)
+    async with running_gateway(settings):
+        client = await Client.open(ws_url(settings), mint())
+        request_id = f"done{time.time_ns()}"
+        frames = await client.chat(request_id, "[[emulator:tokens=2]]")
+        assert frames[-1]["type"] == "end"
+        await client.send({"type": "cancel", "id": request_id})  # its buffer is still kept for resume
+        frame = await client.recv()
+        assert (frame["type"], frame["code"], frame["id"]) == ("error", "stream_not_found", request_id)
+        assert "seq" not in frame
+        await client.close()
+
+
+async def requests_with(emulator: EmulatorServer, marker: str) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient() as http:
+        records: list[dict[str, Any]] = (await http.get(f"{emulator.url}/_emulator/requests")).json()
+    return [r for r in records if marker in json.dumps(r["body"])]
+
+
+async def test_a_reused_id_in_memory_is_refused_with_seq_0_before_bedrock_is_asked(
+    emulator: EmulatorServer, mint: Mint
+) -> None:
+    settings = gateway_settings(emulator.url)  # no Redis: the in-memory resume buffer
+    async with running_gateway(settings):
+        client = await Client.open(ws_url(settings), mint())
+        request_id = f"dup{time.time_ns()}"
+        first = await client.chat(request_id, f"{request_id} [[emulator:tokens=2]]")
+        assert first[-1]["type"] == "end"
+        client.by_id.pop(request_id)
+        again = await client.chat(request_id, f"{request_id} [[emulator:tokens=2]]")
+        assert [(f["type"], f.get("code"), f["seq"]) for f in again] == [("error", "duplicate_id", 0)]
+        assert len(await requests_with(emulator, request_id)) == 1  # the duplicate never reached Bedrock
+        await client.close()
+
+
+async def test_a_stall_before_the_first_token_is_retried(emulator: EmulatorServer, mint: Mint) -> None:
+    settings = gateway_settings(
+        emulator.url, upstream_read_timeout=0.5, upstream_retry_attempts=2, upstream_retry_base_ms=10
+    )
+    async with running_gateway(settings):
+        client = await Client.open(ws_url(settings), mint())
+        marker = f"stall{time.time_ns()}"
+        frames = await client.chat("s0", f"{marker} [[emulator:fault=stall]] [[emulator:after=0]]")
+        assert [(f["type"], f.get("code"), f["seq"]) for f in frames] == [("error", "upstream_timeout", 0)]
+        assert len(await requests_with(emulator, marker)) == 2
+        await client.close()
+
+
+async def test_a_failing_session_store_is_an_error_frame_and_the_connection_stays(
+    emulator: EmulatorServer, mint: Mint, fresh_redis_server: RedisServer
+) -> None:
+    settings = gateway_settings(emulator.url, redis_url=fresh_redis_server.url)
+    async with running_gateway(settings):
+        client = await Client.open(ws_url(settings), mint())
+        fresh_redis_server.stop()
+        await client.send({"type": "session.create", "id": "s1"})
+        frame = await client.recv(timeout=30)
+        assert (frame["type"], frame["code"], frame["id"]) == ("error", "internal_error", "s1")
+        assert "Traceback" not in frame["message"]
+        await client.send({"type": "ping", "id": "p"})
+        assert await client.recv() == {"type": "pong", "id": "p"}
+        await client.close()
+
+
 async def test_client_disconnect_cancels_upstream_after_the_grace_period(
     emulator: EmulatorServer, mint: Mint
 ) -> None:
@@ -357,6 +425,13 @@ async def test_binary_frame_is_refused_with_error(gateway: Settings, mint: Mint)
     frame = await client.recv()
     assert frame["type"] == "error" and frame["code"] == "invalid_message"
     await client.close()
+
+
+async def test_a_binary_frame_is_never_a_first_message_auth(gateway: Settings, mint: Mint) -> None:
+    client = await Client.open(ws_url(gateway))  # no credentials: the first message must be `auth`
+    await client.ws.send(json.dumps({"type": "auth", "token": mint()}).encode())
+    code, _ = await client.wait_closed()
+    assert code == 4401
 
 
 async def test_duplicate_id_while_streaming(gateway: Settings, mint: Mint) -> None:

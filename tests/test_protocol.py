@@ -175,6 +175,7 @@ def test_resume() -> None:
     assert parse_client_message(raw({"type": "resume", "id": "r1", "after": 7})) == Resume("r1", 7)
     assert parse_client_message(raw({"type": "resume", "id": "r1"})) == Resume("r1", -1)
     assert parse_client_message(raw({"type": "resume", "id": "r1", "after": -1})) == Resume("r1", -1)
+    assert parse_client_message(raw({"type": "resume", "id": "r1", "after": None})) == Resume("r1", -1)
     for after in (-2, 1.5, True, "3", 2**31 + 1):
         with pytest.raises(InvalidMessage, match="'after'"):
             parse_client_message(raw({"type": "resume", "id": "r1", "after": after}))

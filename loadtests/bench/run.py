@@ -41,6 +41,7 @@ import procs
 import report
 from clients import DirectPool, HubgateClient, LitellmPool, RunStats, Workload, run_closed_loop
 
+from hubgate.ratelimit.redis_backend import RedisLimiter
 from hubgate.tokens import mint_dev_token
 
 REPO = Path(__file__).resolve().parents[2]
@@ -937,6 +938,10 @@ async def _monitor_one_request(client: Any, url: str, token: str) -> dict[str, A
     ]
     phases: dict[str, list[tuple[str, str, float]]] = {"start": [], "during": [], "end": []}
     scripted: dict[str, list[str]] = {"start": [], "during": [], "end": []}
+    # The instance renews all of a tenant's leases in one call per interval, whatever the number of
+    # requests: when a renewal falls in the window it belongs to no request, and is listed apart.
+    renew = f"EVALSHA {RedisLimiter.RENEW.sha[:8]}"
+    renewals, in_renewal = 0, False
     for command in window:
         words = command["command"].split()
         name = words[0].upper() if words else "?"
@@ -946,14 +951,19 @@ async def _monitor_one_request(client: Any, url: str, token: str) -> dict[str, A
         phase = "start" if at < first_token else "during" if at <= last_token else "end"
         if command.get("client_type") == "lua":
             # Commands a Lua script runs inside Redis cost no round trip: listed apart.
-            scripted[phase].append(name)
+            if not in_renewal:
+                scripted[phase].append(name)
+        elif name == renew:
+            renewals, in_renewal = renewals + 1, True
         else:
+            in_renewal = False
             phases[phase].append((name, str(command.get("client_port")), at))
     return {
         "tokens": result.tokens,
         "commands": {p: [name for name, _, _ in entries] for p, entries in phases.items()},
         "inside_scripts": scripted,
         "round_trips": {p: _round_trips(entries) for p, entries in phases.items()},
+        "lease_renewals": renewals,
         "pipeline_gap_ms": PIPELINE_GAP * 1000,
     }
 

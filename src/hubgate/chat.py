@@ -164,7 +164,9 @@ class ChatClient:
                 return  # another request's, or a repeat after a resume
             self.last_seq = frame["seq"]
             self.frames.put_nowait(frame)
-        elif kind == "error" and frame.get("id") == self.current and frame.get("code") == "stream_not_found":
+        elif kind == "error" and self.current is not None and frame.get("id") == self.current:
+            # Refused before it started (no seq): invalid_message, model_not_allowed,
+            # token_expired, message_rate_limited, or stream_not_found after a resume.
             self.frames.put_nowait(frame)
         elif kind == "auth.expiring":
             self.print("\n(the token expires soon; start the client again with a fresh one)")

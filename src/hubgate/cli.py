@@ -93,9 +93,11 @@ def cmd_dev(args: argparse.Namespace) -> int:
     configure_logging(settings.replace(log_format="text"))
     secret = settings.jwt_hs256_secret or secrets.token_urlsafe(DEV_SECRET_BYTES)
     emulator_port = args.emulator_port
+    # Another Bedrock stand-in (or a real endpoint) replaces the embedded emulator when named.
+    stand_in = args.bedrock_url or settings.bedrock_endpoint_url
     settings = settings.replace(
         jwt_hs256_secret=secret,
-        bedrock_endpoint_url=f"http://127.0.0.1:{emulator_port}",
+        bedrock_endpoint_url=stand_in or f"http://127.0.0.1:{emulator_port}",
     )
     registry = TenantRegistry.from_file(settings.tenants_file)
     emulator_config = EmulatorConfig(ttft_ms=args.ttft_ms, token_delay_ms=args.token_delay_ms)
@@ -139,7 +141,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         f"  gateway   {url}",
         f"  models    http://{settings.host}:{settings.port}/v1/models",
         f"  browser   http://{settings.host}:{settings.port}/playground",
-        f"  emulator  http://127.0.0.1:{emulator_port} (Bedrock runtime stand-in)",
+        f"  bedrock   {stand_in}" if stand_in else f"  emulator  http://127.0.0.1:{emulator_port}",
         "  limiter   in memory" if settings.redis_url is None else f"  limiter   {settings.redis_url}",
         "",
         "Demo tenants and tokens (valid 24 h):",
@@ -159,9 +161,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
     ]
 
     async def main() -> None:
-        emulator_task = asyncio.create_task(emulator.serve())
+        emulator_task = asyncio.create_task(emulator.serve() if stand_in is None else asyncio.sleep(0))
         # uvicorn exposes start-up only as a flag; poll it (start-up takes milliseconds).
-        while not emulator.started:
+        while stand_in is None and not emulator.started:
             if emulator_task.done():
                 await emulator_task
                 raise SystemExit(f"hubgate dev: the emulator could not start on port {emulator_port}")
@@ -218,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--host", default=None)
     dev.add_argument("--port", type=int, default=None)
     dev.add_argument("--emulator-port", type=int, default=8081)
+    dev.add_argument(
+        "--bedrock-url",
+        default=None,
+        help="a Bedrock runtime endpoint (another stand-in) to use instead of the embedded emulator "
+        "(default HUBGATE_BEDROCK_ENDPOINT_URL when set)",
+    )
     dev.add_argument("--ttft-ms", type=float, default=300.0, help="emulated time to first token")
     dev.add_argument("--token-delay-ms", type=float, default=30.0, help="emulated gap between tokens")
     dev.set_defaults(func=cmd_dev)

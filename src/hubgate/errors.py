@@ -23,7 +23,7 @@
     ├── AuthError                     invalid_token   HTTP 401 at handshake, close 4401 in band
     ├── TenantRefused                 tenant_refused  HTTP 403 at handshake, close 4403 in band
     ├── TooManyConnections            too_many_connections  HTTP 429 at handshake, close 1013
-    └── InternalError                 internal_error  close 1011, details never leave the process
+    └── InternalError                 internal_error  an `error` frame (a store failed); details are logged
 
 Lower layers (botocore, aiohttp, redis-py, PyJWT) are translated into these types at their
 boundary with ``raise ... from exc``; ``hubgate.gateway`` maps them to frames and close codes.

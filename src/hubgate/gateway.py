@@ -225,12 +225,10 @@ class Connection:
             self.state = State.CLOSED
             return False
         raw = message.get("text")
-        if raw is None:
-            raw = message.get("bytes") or b""
-        try:
-            parsed = protocol.parse_client_message(raw)
-        except RequestError:
-            parsed = None
+        parsed: protocol.ClientMessage | None = None
+        if raw is not None:  # a binary frame is never a message, even one holding an `auth`
+            with contextlib.suppress(RequestError):
+                parsed = protocol.parse_client_message(raw)
         if not isinstance(parsed, protocol.Auth):
             await self._close(CloseCode.UNAUTHORIZED, "authenticate first")
             return False
@@ -302,13 +300,15 @@ class Connection:
                     continue
                 try:
                     await self._dispatch(protocol.parse_client_message(raw))
-                except RequestError as exc:
+                except GatewayError as exc:
+                    # A request's error, or a store the gateway needs failing (internal_error):
+                    # either way an answer to this message, and the connection stays open.
                     await self._send_frame(
                         protocol.error_frame(
                             exc.code,
                             exc.message,
                             request_id=protocol.request_id_of(raw),
-                            retry_after=exc.retry_after,
+                            retry_after=getattr(exc, "retry_after", None),
                         )
                     )
         except _Closed:
@@ -430,7 +430,7 @@ class Connection:
     async def _run_resume(self, key: StreamKey, after: int) -> None:
         try:
             await self.s.streams.resume(key, after, self)
-        except RequestError as exc:
+        except GatewayError as exc:
             with contextlib.suppress(_Closed):
                 await self._send_frame(protocol.error_frame(exc.code, exc.message, request_id=key.request_id))
         except (OwnerGone, _Closed):

@@ -207,7 +207,9 @@ def _chat(obj: Mapping[str, Any]) -> Chat:
 def _resume(obj: Mapping[str, Any]) -> Resume:
     request_id = _id(obj)
     assert request_id is not None
-    after = obj.get("after", -1)
+    after = obj.get("after")
+    if after is None:  # absent or null: nothing received yet
+        after = -1
     if isinstance(after, bool) or not isinstance(after, int) or after < -1 or after > 2**31:
         raise InvalidMessage("'after' must be an integer >= -1 (the last seq received, -1 for none)")
     return Resume(id=request_id, after=after)

@@ -156,6 +156,10 @@ class StreamBuffer(Protocol):
         """Whether a live buffer exists for ``key``."""
         ...
 
+    async def running(self, key: StreamKey) -> bool:
+        """True when the buffer exists and does not hold its terminal frame yet."""
+        ...
+
     async def signal_reader(self, key: StreamKey, until: float) -> None:
         """Say a reader is tailing ``key`` until ``until`` (wall clock), so its producer keeps going
         and writes its frames to the buffer as they come (see ``watch_readers``)."""
@@ -264,6 +268,12 @@ class MemoryStreamBuffer:
         except StreamNotFound:
             return False
         return True
+
+    async def running(self, key: StreamKey) -> bool:
+        try:
+            return not self._live(key).ended
+        except StreamNotFound:
+            return False
 
     async def signal_reader(self, key: StreamKey, until: float) -> None:
         self._controls[key] = Control(until, self._controls.get(key, Control()).cancel)
@@ -525,6 +535,17 @@ class RedisStreamBuffer:
             return False
         with _redis_boundary():
             return bool(await self._client.exists(header_key(key)))
+
+    async def running(self, key: StreamKey) -> bool:
+        if not valid_request_id(key.request_id):
+            return False
+        with _redis_boundary():
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.exists(header_key(key))
+                pipe.xrevrange(stream_key(key), max="+", min="-", count=1)
+                exists, newest = await pipe.execute()
+        frames = _decode_entries(newest)
+        return bool(exists) and not (frames and frames[-1].terminal)
 
     async def signal_reader(self, key: StreamKey, until: float) -> None:
         if not valid_request_id(key.request_id):

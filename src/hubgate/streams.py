@@ -362,9 +362,9 @@ class StreamRegistry:
         if stream is not None and not stream.finished:
             stream.cancel()
             return
-        if await self._buffer.exists(key):
-            # Running on another instance (or just finished): that instance sees the request
-            # while the stream is detached from its original connection.
+        if await self._buffer.running(key):
+            # Running on another instance: that instance sees the request while the stream is
+            # detached from its original connection.
             await self._buffer.request_cancel(key)
             return
         raise StreamNotFound("no active request with this id")
@@ -448,6 +448,7 @@ class StreamRegistry:
         started = False
         spend_before: Spend | None = None
         priced: list[UsageRecord] = []
+        limits: dict[str, Any] | None = None  # known once admitted
 
         async def conclude() -> None:
             record = await self._conclude(
@@ -497,9 +498,11 @@ class StreamRegistry:
             if admission.claimed:  # the admission created the buffer
                 stream.writer = self._writer(stream)
             else:
-                # Created while the upstream call is made; awaited before the first frame (`_emit`).
+                # Before the upstream call: an id still in the buffer (a request that ran a moment
+                # ago) is refused with duplicate_id before Bedrock is asked, as the claim does.
                 stream.opening = asyncio.create_task(self._buffer.create(key, owner))
                 stream.opening.add_done_callback(_retrieve)
+                await self._open_writer(stream)
             limits = {
                 "requests_remaining": admission.remaining_requests,
                 "tokens_remaining": admission.remaining_tokens,
@@ -555,7 +558,7 @@ class StreamRegistry:
                 await self._open_writer(stream)
             completion = Completion("cancelled", input_estimate, len(deltas))
             if not started:
-                await self._emit(stream, frames.start(request.model, None, chat.session))
+                await self._emit(stream, frames.start(request.model, limits, chat.session))
             await self._emit(stream, self._end(frames, completion, ttft_ms, received), terminal=True)
         except GatewayError as exc:
             # Anything else the services raise (e.g. a session store failure) ends this request

@@ -210,10 +210,12 @@ class BedrockProvider:
             raise UpstreamError("the model stream ended before it was complete")
         except (EventStreamError, orjson.JSONDecodeError) as exc:
             raise UpstreamError("the model stream was corrupted", retryable=False) from exc
+        # Retryable: the gateway retries only before the first token (hubgate.streams), and a
+        # stall or a dropped connection there is as transient as one before the HTTP answer.
         except (TimeoutError, ReadTimeoutError) as exc:
-            raise UpstreamTimeout("the model stream stalled") from exc
+            raise UpstreamTimeout("the model stream stalled", retryable=True) from exc
         except (BotoCoreError, aiohttp.ClientError) as exc:
-            raise UpstreamError("the model stream broke off") from exc
+            raise UpstreamError("the model stream broke off", retryable=True) from exc
         finally:
             # Closing the aiohttp response drops the upstream connection at once, so a cancelled
             # gateway stream stops consuming (and paying for) tokens.
