@@ -53,6 +53,7 @@ EVERY_VARIABLE: dict[str, tuple[str, Any]] = {
     "drain_seconds": ("15", 15.0),
     "emulator_ttft_ms": ("40", 40.0),
     "emulator_token_delay_ms": ("2.5", 2.5),
+    "gc_threshold": ("700,10,10", (700, 10, 10)),
 }
 
 

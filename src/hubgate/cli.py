@@ -45,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings({"host": args.host, "port": args.port})
     configure_logging(settings)
     app = create_app(settings)
-    HubgateServer(uvicorn_config(app, settings, loop=_loop_name()), app, settings).run()
+    HubgateServer(uvicorn_config(app, settings, loop=_loop_name()), app, settings, tune_gc=True).run()
     return 0
 
 

@@ -65,6 +65,26 @@ def _list(env: Mapping[str, str], name: str, default: tuple[str, ...] = ()) -> t
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
+def _gc_threshold(
+    env: Mapping[str, str], name: str, default: tuple[int, int, int] | None
+) -> tuple[int, int, int] | None:
+    """Three non-negative integers (``10000,10,100``), or ``default`` for CPython's own."""
+    raw = _str(env, name, None)
+    if raw is None:
+        return default
+    if raw.strip().lower() == "default":
+        return None
+    try:
+        first, second, third = (int(part) for part in raw.split(","))
+    except ValueError as exc:
+        raise SettingsError(
+            f"{PREFIX}{name} must be three comma-separated integers or 'default', got {raw!r}"
+        ) from exc
+    if min(first, second, third) < 0:
+        raise SettingsError(f"{PREFIX}{name} must not be negative, got {raw!r}")
+    return first, second, third
+
+
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = _str(env, name, None)
     if raw is None:
@@ -85,6 +105,9 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     log_level: str = "info"
+    # `hubgate serve` freezes what start-up created and sets these garbage-collector thresholds
+    # (hubgate.server.tune_gc); None leaves CPython's defaults.
+    gc_threshold: tuple[int, int, int] | None = (10_000, 10, 100)
 
     # Bedrock
     aws_region: str = "us-east-1"
@@ -182,6 +205,7 @@ class Settings:
             host=_str(env, "HOST", defaults.host) or defaults.host,
             port=_int(env, "PORT", defaults.port, minimum=0),
             log_level=log_level,
+            gc_threshold=_gc_threshold(env, "GC_THRESHOLD", defaults.gc_threshold),
             aws_region=_str(env, "AWS_REGION", defaults.aws_region) or defaults.aws_region,
             bedrock_endpoint_url=_str(env, "BEDROCK_ENDPOINT_URL", None),
             upstream_connect_timeout=_float(

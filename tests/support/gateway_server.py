@@ -78,7 +78,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         if value is None:
             continue
         if isinstance(value, tuple):
-            value = ",".join(value)
+            value = ",".join(map(str, value))
         env[name] = str(value)
     return env
 
