@@ -273,10 +273,15 @@ def evaluate(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def _cap_basis(shed: dict[str, Any]) -> str:
     """How the shedding phase's cap relates to the saturation figure."""
     saturation = shed["saturation"]
-    return (
-        f"{num(100 * shed['cap'] / saturation, 0)} % of the saturation figure, {saturation}: the core "
-        "is left headroom to refuse the rest"
+    found = shed.get("max_streams")
+    basis = (
+        f"{saturation} streams, the largest level at which the floor kept the pace (below the saturation "
+        f"figure, {found}: above it the load core cannot pace the admitted streams)"
+        if found and found > saturation
+        else f"the saturation figure, {saturation}"
     )
+    share = num(100 * shed["cap"] / saturation, 0)
+    return f"{share} % of {basis}; the core is left headroom to refuse the rest"
 
 
 def _shed_ok(variant: dict[str, Any]) -> bool:
@@ -328,6 +333,16 @@ def holds(summary: dict[str, Any], ref: dict[str, Any], token_delay_ms: float) -
         and summary["ttft_p99_ms"] <= ref["ttft_p99_ms"] + TTFT_SLACK_MS
     )
     return within and not load_bound(summary, token_delay_ms)
+
+
+def shed_basis(sat: dict[str, Any]) -> int:
+    """The streams the shedding phase is sized from: the saturation figure, or the largest level at
+    which the floor itself kept the pace when that is lower. Above it the load core cannot pace the
+    admitted streams, so their latency would say nothing about the gateway."""
+    delay = sat["workload"]["token_delay_ms"]
+    paced = [row["concurrency"] for row in sat["levels"] if not load_bound(row["direct"], delay)]
+    candidates = [n for n in (sat.get("max_streams"), paced[-1] if paced else None) if n]
+    return min(candidates, default=1)
 
 
 def search(sat: dict[str, Any]) -> dict[str, Any]:

@@ -571,7 +571,7 @@ class Bench:
         )
         return result
 
-    async def phase_shed(self, saturation: int) -> dict[str, Any]:
+    async def phase_shed(self, saturation: int, max_streams: int | None = None) -> dict[str, Any]:
         """Offer twice the saturation figure to a tenant capped below it: refuse explicitly, keep latency.
 
         The cap is SHED_HEADROOM of the saturation figure, the offered load twice that figure.
@@ -601,6 +601,7 @@ class Bench:
         self.start_gateway()
         return {
             "saturation": saturation,
+            "max_streams": max_streams,
             "cap": cap,
             "offered_streams": offered,
             "retry_s": SHED_RETRY_S,
@@ -889,11 +890,12 @@ class Bench:
                     self.results["notes"].append(
                         f"shed phase ran without a saturation search; cap set to {saturation}"
                     )
-                record[phase] = await self.phase_shed(saturation)
+                found = record.get("saturation", {}).get("max_streams")
+                record[phase] = await self.phase_shed(saturation, found)
             else:
                 record[phase] = await getattr(self, f"phase_{phase}")()
             if phase == "saturation":
-                saturation = record[phase]["max_streams"] or self.plan.sat_levels[0]
+                saturation = report.shed_basis(record[phase])
             record[phase]["phase_seconds"] = round(time.perf_counter() - started, 1)
         self.results["loadavg_end"] = procs.loadavg()
         self.results["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

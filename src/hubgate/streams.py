@@ -133,12 +133,6 @@ def _frames_of(stream: ActiveStream) -> list[BufferedFrame]:
     ]
 
 
-def _retrieve(task: asyncio.Task[None]) -> None:
-    """Mark a background task's exception as seen (whoever awaits it still gets it)."""
-    if not task.cancelled():
-        task.exception()
-
-
 @dataclass(slots=True)
 class StreamRequest:
     """Everything a stream needs to run, resolved by the connection that received the chat."""
@@ -161,7 +155,6 @@ class ActiveStream:
     task: asyncio.Task[None] | None = None
     writer: BufferWriter | None = None
     ended: bool = False  # its terminal frame is in `frames`
-    opening: asyncio.Task[None] | None = None  # the resume buffer being created
     cancel_requested: bool = False
     running: bool = False  # the task has begun: cancelling it now runs its cleanup
     finished: bool = False
@@ -398,8 +391,6 @@ class StreamRegistry:
     # ------------------------------------------------------------------ running
 
     async def _emit(self, stream: ActiveStream, text: str, *, terminal: bool = False) -> None:
-        if stream.opening is not None:
-            await self._open_writer(stream)
         seq = len(stream.frames)
         stream.frames.append(text)
         stream.ended = terminal
@@ -449,6 +440,7 @@ class StreamRegistry:
         spend_before: Spend | None = None
         priced: list[UsageRecord] = []
         limits: dict[str, Any] | None = None  # known once admitted
+        creating = False  # its resume buffer is being created
 
         async def conclude() -> None:
             record = await self._conclude(
@@ -500,9 +492,9 @@ class StreamRegistry:
             else:
                 # Before the upstream call: an id still in the buffer (a request that ran a moment
                 # ago) is refused with duplicate_id before Bedrock is asked, as the claim does.
-                stream.opening = asyncio.create_task(self._buffer.create(key, owner))
-                stream.opening.add_done_callback(_retrieve)
-                await self._open_writer(stream)
+                creating = True
+                await self._open_writer(stream, owner)
+                creating = False
             limits = {
                 "requests_remaining": admission.remaining_requests,
                 "tokens_remaining": admission.remaining_tokens,
@@ -554,8 +546,9 @@ class StreamRegistry:
         except asyncio.CancelledError:
             if not stream.cancel_requested:
                 raise
-            with contextlib.suppress(DuplicateId):  # then the cancelled request is not resumable
-                await self._open_writer(stream)
+            if creating:  # cancelled during the buffer's creation: finish it, so it can be resumed
+                with contextlib.suppress(DuplicateId):  # then the cancelled request is not resumable
+                    await self._open_writer(stream, owner)
             completion = Completion("cancelled", input_estimate, len(deltas))
             if not started:
                 await self._emit(stream, frames.start(request.model, limits, chat.session))
@@ -731,17 +724,15 @@ class StreamRegistry:
         with contextlib.suppress(OwnerGone):
             await owner.deliver(protocol.encode(frame))
 
-    async def _open_writer(self, stream: ActiveStream) -> None:
-        """Wait for the buffer's creation; DuplicateId if another instance runs this request id.
+    async def _open_writer(self, stream: ActiveStream, owner: str) -> None:
+        """Create the request's resume buffer and its writer; DuplicateId if the id is taken
+        (another instance runs it, or the user's request of that id ended within the resume TTL).
 
         While a client is connected the writer only keeps the frames; it writes them when the
         client's socket drops, when a client resumes elsewhere, and at the end of the request.
         """
-        opening, stream.opening = stream.opening, None
-        if opening is None:
-            return
         try:
-            await opening
+            await self._buffer.create(stream.key, owner)
         except DuplicateId:
             raise
         except GatewayError:
@@ -852,9 +843,6 @@ class StreamRegistry:
         """Flush the resume buffer, warn about the budget, unregister. Never raises."""
         key = stream.request.key
         try:
-            if stream.opening is not None:  # torn down before its first frame
-                stream.opening.cancel()
-                stream.opening = None
             if stream.writer is not None:
                 _go_live(stream)
                 await stream.writer.aclose()
