@@ -164,10 +164,11 @@ def revision() -> dict[str, Any]:
             done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.SubprocessError):
             return ""
-        return done.stdout.strip()
+        return done.stdout
 
-    changed = [line[3:] for line in git("status", "--porcelain", "--", "src").splitlines() if line]
-    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_src": changed}
+    # Porcelain lines are "XY path": the status columns may start with a space, so no strip first.
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "src").splitlines() if line.strip()]
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "uncommitted_src": changed}
 
 
 def snapshot_src(workdir: Path) -> Path:
