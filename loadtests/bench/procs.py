@@ -166,6 +166,7 @@ class Child:
     tree: bool = False  # count CPU and memory over the process's descendants too
     process: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default_factory=lambda: Path(tempfile.mkstemp(prefix="bench-", suffix=".log")[1]))
+    workdir: Path | None = None  # removed with the log when the process is stopped
 
     @property
     def pid(self) -> int:
@@ -189,8 +190,9 @@ class Child:
             if self._healthy():
                 return
             if time.monotonic() > deadline:
+                output = self.output()
                 self.stop()
-                raise TimeoutError(f"{self.name} did not answer within {timeout:.0f} s:\n{self.output()}")
+                raise TimeoutError(f"{self.name} did not answer within {timeout:.0f} s:\n{output}")
             time.sleep(0.1)
 
     def _healthy(self) -> bool:
@@ -221,9 +223,19 @@ class Child:
         return ""
 
     def stop(self) -> None:
+        """Stop the process (its group), then remove its log and work directory."""
         process, self.process = self.process, None
         if process is None:
             return
+        try:
+            self._terminate(process)
+        finally:
+            self.log_path.unlink(missing_ok=True)
+            if self.workdir is not None:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @staticmethod
+    def _terminate(process: subprocess.Popen[bytes]) -> None:
         if process.poll() is None:
             # The process leads its own session: signal the whole group (taskset execs in place,
             # but LiteLLM or a shell wrapper may have children).
@@ -288,7 +300,7 @@ def redis(cpus: str | None) -> Child | None:
         "--maxclients",
         "10000",
     ]
-    return Child("redis", argv, port, dict(os.environ), None)
+    return Child("redis", argv, port, dict(os.environ), None, workdir=Path(workdir))
 
 
 def tenants_yaml(tenants: Mapping[str, Mapping[str, int | None]]) -> str:
