@@ -264,3 +264,28 @@ async def test_the_file_backend_is_read_only(emulator: EmulatorServer, mint: Min
             assert response.status_code == 409, (method, path)
             assert response.json() == {"error": read_only}
         assert (await http.get("/tenants/acme")).json()["enabled"] is True
+
+
+async def test_disabling_always_works_once_a_catalogue_exists(
+    moto_server: MotoServer, emulator: EmulatorServer, aws_env: None, mint: Mint
+) -> None:
+    # Tenants written before the first catalogue entry may list models the catalogue lacks.
+    name = await loaded_table(
+        moto_server.url, {"tenants": {"acme": {"models": [HAIKU, NOVA]}, "beta": {"models": [PRO]}}}
+    )
+    settings = gateway_settings(
+        emulator.url, tenants_table=name, dynamodb_endpoint_url=moto_server.url, registry_refresh_seconds=3600
+    )
+    async with (
+        running_gateway(settings),
+        httpx.AsyncClient(base_url=base(settings), headers=admin_headers(mint)) as http,
+    ):
+        assert (await http.put(f"/models/{HAIKU}", json={})).status_code == 201  # the first entry
+        disabled = await http.post("/tenants/beta/disable")
+        assert disabled.status_code == 200 and disabled.json()["enabled"] is False
+        # Writing it enabled again is an invalid tenant (400 naming the field), never a server error.
+        again = await http.put("/tenants/beta", json={"models": [PRO]})
+        assert again.status_code == 400
+        error = again.json()["error"]
+        assert error["code"] == "invalid_tenant" and error["field"] == "models"
+        assert (await http.get("/tenants/beta")).json()["enabled"] is False

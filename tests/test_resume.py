@@ -259,6 +259,39 @@ async def test_memory_buffer_expires_and_append_refreshes() -> None:
     await buf.create(key)  # an expired id may be used again
 
 
+async def test_memory_touch_keeps_a_running_buffer_and_ignores_missing_ones() -> None:
+    now = [0.0]
+    buf = MemoryStreamBuffer(ttl_seconds=10, max_frames=100, clock=lambda: now[0])
+    key, other = StreamKey("t", "u", "r"), StreamKey("t", "u", "gone")
+    await buf.create(key)
+    assert buf.ttl_seconds == 10
+    now[0] = 8.0
+    await buf.touch([key, other])  # lives until 18; the unknown key is skipped
+    now[0] = 17.0
+    assert await buf.running(key)
+    await buf.append(key, frames(0, 1, terminal_last=True))
+    assert await buf.exists(key) and not await buf.running(key)
+    assert not await buf.exists(other)
+
+
+async def test_redis_touch_pushes_the_expiry_of_header_and_frames(redis_server: RedisServer) -> None:
+    client = Redis.from_url(redis_server.url)
+    try:
+        buf = RedisStreamBuffer(client, ttl_seconds=300, max_frames=100)
+        key = StreamKey(f"t-{uuid.uuid4().hex[:8]}", "u", "r")
+        await buf.create(key)
+        await buf.append(key, frames(0, 1))
+        await client.pexpire(header_key(key), 5_000)
+        await client.pexpire(stream_key(key), 5_000)
+        await buf.touch([key, StreamKey(key.tenant, "u", "never-created"), StreamKey("t", "u", "")])
+        assert 299_000 < await client.pttl(header_key(key)) <= 300_000
+        assert 299_000 < await client.pttl(stream_key(key)) <= 300_000
+        assert not await client.exists(header_key(StreamKey(key.tenant, "u", "never-created")))
+        assert await buf.running(key)
+    finally:
+        await client.aclose()
+
+
 async def test_redis_ttl_is_set_and_refreshed_by_append(redis_server: RedisServer) -> None:
     client = Redis.from_url(redis_server.url)
     try:

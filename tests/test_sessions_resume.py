@@ -191,6 +191,29 @@ async def test_resume_on_the_same_instance_after_a_drop(
         await second.close()
 
 
+async def test_a_reply_longer_than_the_resume_ttl_keeps_its_buffer(
+    emulator: EmulatorServer, mint: Mint, store_url: str | None
+) -> None:
+    # The buffer's TTL counts from its last write, and a connected client's frames are written
+    # only at the end: the gateway keeps the buffers of running requests alive meanwhile.
+    settings = gateway_settings(emulator.url, redis_url=store_url, resume_ttl_seconds=1.5)
+    async with running_gateway(settings):
+        client = await Client.open(ws_url(settings), mint())
+        request_id = f"long{time.time_ns()}"
+        words = reply_words("w", 40)
+        await client.send(slow_reply(request_id, words, delay_ms=100))  # about 4 s, over the TTL
+        frames = await client.until_terminal(request_id)
+        assert frames[-1]["type"] == "end" and text_of(frames) == words
+        client.by_id.pop(request_id)
+        await client.send({"type": "resume", "id": request_id, "after": 0})
+        replayed = await client.until_terminal(request_id)
+        assert replayed == frames[1:]  # the whole reply is still there to resume
+        client.by_id.pop(request_id)
+        again = await client.chat(request_id, "[[emulator:tokens=1]]")
+        assert [(f["type"], f.get("code")) for f in again] == [("error", "duplicate_id")]
+        await client.close()
+
+
 async def test_resume_after_the_stream_finished(emulator: EmulatorServer, mint: Mint) -> None:
     settings = gateway_settings(emulator.url)
     async with running_gateway(settings):

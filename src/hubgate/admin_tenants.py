@@ -114,6 +114,8 @@ async def _write(call: Awaitable[None]) -> None:
         await call
     except ReadOnlyRegistry as exc:
         raise _Refused(error(409, "read_only", exc.message)) from exc
+    except TenantConfigError as exc:
+        raise _Refused(_invalid("invalid_tenant", str(exc), exc.field)) from exc
     except RegistryUnavailable as exc:
         log.warning("a registry write failed", extra={"error": exc.message})
         raise _Refused(

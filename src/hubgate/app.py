@@ -243,6 +243,8 @@ def create_app(
             stack.callback(watchdog.cancel)
             readers = asyncio.create_task(streams.watch_readers(), name="hubgate-resume-readers")
             stack.callback(readers.cancel)
+            keeper = asyncio.create_task(streams.keep_buffers(), name="hubgate-resume-keeper")
+            stack.callback(keeper.cancel)
             if routes is not None:
                 # A tenant removed or re-routed in the registry lets go of its old route client.
                 follower = asyncio.create_task(

@@ -160,6 +160,12 @@ class StreamBuffer(Protocol):
         """True when the buffer exists and does not hold its terminal frame yet."""
         ...
 
+    ttl_seconds: float  # a buffer expires this long after its last write (or ``touch``)
+
+    async def touch(self, keys: Sequence[StreamKey]) -> None:
+        """Push the expiry of these buffers (of requests still running) to now + the TTL."""
+        ...
+
     async def signal_reader(self, key: StreamKey, until: float) -> None:
         """Say a reader is tailing ``key`` until ``until`` (wall clock), so its producer keeps going
         and writes its frames to the buffer as they come (see ``watch_readers``)."""
@@ -214,7 +220,7 @@ class MemoryStreamBuffer:
     ) -> None:
         if ttl_seconds <= 0 or max_frames < 1:
             raise ValueError("ttl_seconds must be > 0 and max_frames >= 1")
-        self._ttl = ttl_seconds
+        self._ttl = self.ttl_seconds = ttl_seconds
         self._max_frames = max_frames
         self._clock = clock
         self._streams: dict[StreamKey, _MemoryStream] = {}
@@ -274,6 +280,12 @@ class MemoryStreamBuffer:
             return not self._live(key).ended
         except StreamNotFound:
             return False
+
+    async def touch(self, keys: Sequence[StreamKey]) -> None:
+        expires_at = self._clock() + self._ttl
+        for key in keys:
+            with contextlib.suppress(StreamNotFound):
+                self._live(key).expires_at = expires_at
 
     async def signal_reader(self, key: StreamKey, until: float) -> None:
         self._controls[key] = Control(until, self._controls.get(key, Control()).cancel)
@@ -459,6 +471,7 @@ class RedisStreamBuffer:
         # in the same pipeline as its settlement.
         self._runner = ScriptRunner(client) if runner is None else runner
         self._ttl_ms = max(1, round(ttl_seconds * 1000))
+        self.ttl_seconds = ttl_seconds
         self._max_frames = max_frames
         socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
         # Block for at most half the socket timeout: the other half is for the reply to arrive.
@@ -546,6 +559,17 @@ class RedisStreamBuffer:
                 exists, newest = await pipe.execute()
         frames = _decode_entries(newest)
         return bool(exists) and not (frames and frames[-1].terminal)
+
+    async def touch(self, keys: Sequence[StreamKey]) -> None:
+        live = [key for key in keys if valid_request_id(key.request_id)]
+        if not live:
+            return
+        with _redis_boundary():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in live:  # PEXPIRE of a key that does not exist (yet) does nothing
+                    pipe.pexpire(header_key(key), self._ttl_ms)
+                    pipe.pexpire(stream_key(key), self._ttl_ms)
+                await pipe.execute()
 
     async def signal_reader(self, key: StreamKey, until: float) -> None:
         if not valid_request_id(key.request_id):

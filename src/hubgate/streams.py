@@ -338,6 +338,23 @@ class StreamRegistry:
         Runs until cancelled."""
         await self._buffer.watch_readers(self._reader_waiting)
 
+    async def keep_buffers(self) -> None:
+        """Keep the resume buffers of long requests from expiring. A buffer expires the resume TTL
+        after its last write, and while its client is connected a request's frames are written
+        only at its end: a reply longer than the TTL would lose its buffer (and with it resume and
+        duplicate_id) without this. One call per interval for all running requests. Runs until
+        cancelled."""
+        interval = max(1.0, self._buffer.ttl_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            keys = [s.key for s in self.active.values() if s.writer is not None and not s.finished]
+            if not keys:
+                continue
+            try:
+                await self._buffer.touch(keys)
+            except GatewayError:
+                log.warning("resume buffers could not be kept alive; trying again in %.0f s", interval)
+
     def _reader_waiting(self, key: StreamKey) -> None:
         stream = self.active.get(key)
         if stream is not None:

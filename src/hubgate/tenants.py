@@ -392,8 +392,11 @@ def parse_model(model_id: str, raw: Any) -> ModelInfo:
 
 
 def check_tenant_models(tenant: Tenant, models: Mapping[str, ModelInfo]) -> None:
-    """With a catalogue (non-empty ``models``), every model a tenant lists must be in it."""
-    if not models:
+    """With a catalogue (non-empty ``models``), every model an enabled tenant lists must be in it.
+
+    A disabled tenant serves nothing, so it is not checked: disabling one always works.
+    """
+    if not models or not tenant.enabled:
         return
     for model in tenant.models:
         if model not in models:
