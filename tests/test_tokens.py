@@ -8,6 +8,7 @@ import jwt
 import pytest
 
 from hubgate.auth import Identity, JwtVerifier
+from hubgate.cli import main
 from hubgate.errors import AuthError
 from hubgate.settings import Settings
 from hubgate.tokens import mint_dev_token
@@ -71,3 +72,25 @@ async def test_other_secret_is_refused() -> None:
 def test_bad_arguments(secret: str, tenant: str, user: str, lifetime: float) -> None:
     with pytest.raises(ValueError):
         mint_dev_token(secret, tenant=tenant, user=user, lifetime_seconds=lifetime)
+
+
+async def test_the_token_command_uses_the_gateways_claim_settings(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = {
+        "HUBGATE_JWT_HS256_SECRET": SECRET,
+        "HUBGATE_TENANT_CLAIM": "org",
+        "HUBGATE_USER_CLAIM": "email",
+        "HUBGATE_GROUPS_CLAIM": "roles",
+        "HUBGATE_JWT_ISSUER": "hubgate-dev",
+        "HUBGATE_JWT_AUDIENCE": "local",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["token", "--tenant", "acme", "--user", "a@example.com", "--group", "ops"]) == 0
+    token = capsys.readouterr().out.strip()
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert (claims["org"], claims["email"], claims["roles"]) == ("acme", "a@example.com", ["ops"])
+    assert "sub" not in claims
+    identity = await JwtVerifier(Settings.from_env(env)).verify(token)
+    assert (identity.tenant, identity.user, identity.groups) == ("acme", "a@example.com", ("ops",))

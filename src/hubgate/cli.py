@@ -72,6 +72,7 @@ def cmd_token(args: argparse.Namespace) -> int:
             user=args.user,
             lifetime_seconds=args.lifetime,
             tenant_claim=settings.tenant_claim,
+            user_claim=settings.user_claim,
             issuer=settings.jwt_issuer,
             audience=settings.jwt_audience,
             groups=groups,
@@ -113,6 +114,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             user=DEV_USER,
             lifetime_seconds=24 * 3600,
             tenant_claim=settings.tenant_claim,
+            user_claim=settings.user_claim,
             issuer=settings.jwt_issuer,
             audience=settings.jwt_audience,
         )
