@@ -144,6 +144,23 @@ def test_models_must_be_a_list_of_ids(models: Any) -> None:
     assert refusal({"models": models}) == "tenant 't1': 'models' must be a list of model ids"
 
 
+def test_models_must_be_printable_ids_named_once() -> None:
+    assert refusal({"models": ["m", "m"]}) == "tenant 't1': 'models' names a model twice"
+    for bad in ("a\nb", "x" * 2049):
+        assert refusal({"models": [bad]}) == "tenant 't1': 'models' must be a list of model ids"
+
+
+@pytest.mark.parametrize("name", [5, "", "a\tb", ["x"]])
+def test_a_name_must_be_a_printable_string(name: Any) -> None:
+    assert refusal({"models": ["m"], "name": name}) == "tenant 't1': name must be a non-empty string"
+
+
+@pytest.mark.parametrize("usd", [float("inf"), float("nan"), -0.5])
+def test_a_usd_budget_must_be_a_finite_non_negative_number(usd: float) -> None:
+    message = refusal({"models": ["m"], "limits": {"monthly_budget_usd": usd}})
+    assert message == "tenant 't1': limits.monthly_budget_usd must be a non-negative number"
+
+
 @pytest.mark.parametrize("raw", [{}, {"models": []}, {"models": None}])
 def test_models_must_not_be_empty(raw: Any) -> None:
     assert refusal(raw) == "tenant 't1': 'models' must name at least one model"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -184,7 +185,9 @@ def _parse_budget(tenant_id: str, raw: Any) -> Budget:
         return Budget()
     usd = raw.get("monthly_budget_usd")
     tokens = raw.get("monthly_budget_tokens")
-    if usd is not None and (isinstance(usd, bool) or not isinstance(usd, int | float) or usd < 0):
+    if usd is not None and (
+        isinstance(usd, bool) or not isinstance(usd, int | float) or not math.isfinite(usd) or usd < 0
+    ):
         raise TenantConfigError(
             f"tenant {tenant_id!r}: limits.monthly_budget_usd must be a non-negative number",
             field="limits.monthly_budget_usd",
@@ -282,9 +285,7 @@ def parse_tenant(tenant_id: str, raw: Any) -> Tenant:
         raise TenantConfigError(
             f"tenant {tenant_id!r}: unknown field(s) {sorted(unknown)}", field=sorted(unknown)[0]
         )
-    models = raw.get("models") or []
-    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
-        raise TenantConfigError(f"tenant {tenant_id!r}: 'models' must be a list of model ids", field="models")
+    models = list(_model_list(f"tenant {tenant_id!r}", "models", raw.get("models") or []))
     if not models:
         raise TenantConfigError(
             f"tenant {tenant_id!r}: 'models' must name at least one model", field="models"
@@ -310,10 +311,10 @@ def parse_tenant(tenant_id: str, raw: Any) -> Tenant:
             raise TenantConfigError(
                 f"tenant {tenant_id!r}: fallback {model!r} is not in its models", field="fallbacks"
             )
-    name = raw.get("name") or tenant_id
+    name = _optional_str(f"tenant {tenant_id!r}", "name", raw.get("name")) or tenant_id
     return Tenant(
         id=tenant_id,
-        name=str(name),
+        name=name,
         enabled=enabled,
         models=tuple(models),
         default_model=default_model,
