@@ -94,3 +94,16 @@ async def test_the_token_command_uses_the_gateways_claim_settings(
     assert "sub" not in claims
     identity = await JwtVerifier(Settings.from_env(env)).verify(token)
     assert (identity.tenant, identity.user, identity.groups) == ("acme", "a@example.com", ("ops",))
+
+
+async def test_the_token_command_satisfies_a_configured_app_client(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = {"HUBGATE_JWT_HS256_SECRET": SECRET, "HUBGATE_JWT_CLIENT_ID": "app-client-1"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["token", "--tenant", "acme", "--user", "alice"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert jwt.decode(token, options={"verify_signature": False})["aud"] == "app-client-1"
+    identity = await JwtVerifier(Settings.from_env(env)).verify(token)
+    assert (identity.tenant, identity.user) == ("acme", "alice")

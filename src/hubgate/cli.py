@@ -74,7 +74,7 @@ def cmd_token(args: argparse.Namespace) -> int:
             tenant_claim=settings.tenant_claim,
             user_claim=settings.user_claim,
             issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience,
+            audience=settings.jwt_audience or settings.jwt_client_id,  # an app client: its id in aud
             groups=groups,
             groups_claim=settings.groups_claim,
         )
@@ -116,7 +116,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
             tenant_claim=settings.tenant_claim,
             user_claim=settings.user_claim,
             issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience,
+            audience=settings.jwt_audience or settings.jwt_client_id,  # an app client: its id in aud
         )
         for tenant in registry.all()
     }
