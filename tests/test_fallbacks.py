@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from typing import Any
-
-import httpx
 
 from hubgate.providers.base import Guardrail
 from hubgate.streams import RetryPolicy
@@ -32,12 +29,6 @@ def _fields(tenant: Tenant) -> dict[str, Any]:
     return {name: getattr(tenant, name) for name in tenant.__dataclass_fields__}
 
 
-async def requests_with(emulator: EmulatorServer, marker: str) -> list[dict[str, Any]]:
-    async with httpx.AsyncClient() as http:
-        records: list[dict[str, Any]] = (await http.get(f"{emulator.url}/_emulator/requests")).json()
-    return [r for r in records if marker in json.dumps(r["body"])]
-
-
 def test_full_jitter_stays_within_the_cap() -> None:
     policy = RetryPolicy(attempts=5, base=0.1, cap=0.5)
     for attempt in range(8):
@@ -59,7 +50,7 @@ async def test_throttled_model_is_retried_then_the_fallback_serves(
         scrape = server.hub_app.state.services.metrics.render().decode()
     assert frames[0]["type"] == "start" and frames[0]["model"] == PRO  # names the model that serves
     assert frames[-1]["type"] == "end"
-    seen = [r["model_id"] for r in await requests_with(emulator, marker)]
+    seen = [r["model_id"] for r in await emulator.requests_with(marker)]
     assert seen == [HAIKU, HAIKU, HAIKU, PRO]  # three attempts, then the first fallback
     assert f'hubgate_upstream_attempts_total{{model="{HAIKU}",outcome="upstream_throttled"}} 3.0' in scrape
     assert f'hubgate_upstream_attempts_total{{model="{PRO}",outcome="ok"}} 1.0' in scrape
@@ -73,7 +64,7 @@ async def test_every_model_throttled_ends_with_one_error(emulator: EmulatorServe
         frames = await client.chat("a", f"{marker} [[emulator:fault=throttling]]")
         await client.close()
     assert [f["type"] for f in frames] == ["error"] and frames[0]["code"] == "upstream_throttled"
-    assert len(await requests_with(emulator, marker)) == 4
+    assert len(await emulator.requests_with(marker)) == 4
 
 
 async def test_nothing_is_retried_after_the_first_token(emulator: EmulatorServer, mint: Mint) -> None:
@@ -87,7 +78,7 @@ async def test_nothing_is_retried_after_the_first_token(emulator: EmulatorServer
     assert (
         frames[-1]["code"] == "upstream_throttled" and len([f for f in frames if f["type"] == "delta"]) == 4
     )
-    assert len(await requests_with(emulator, marker)) == 1
+    assert len(await emulator.requests_with(marker)) == 1
     record = next(r for r in records if r.request_id == "m")
     assert record.output_tokens == 4 and record.estimated  # partial usage is metered
 
@@ -100,7 +91,7 @@ async def test_validation_errors_are_not_retried(emulator: EmulatorServer, mint:
         frames = await client.chat("v", f"{marker} [[emulator:fault=validation]]")
         await client.close()
     assert frames[-1]["code"] == "upstream_error"
-    assert len(await requests_with(emulator, marker)) == 1
+    assert len(await emulator.requests_with(marker)) == 1
 
 
 async def test_guardrail_is_sent_and_its_intervention_reported(emulator: EmulatorServer, mint: Mint) -> None:
@@ -112,7 +103,7 @@ async def test_guardrail_is_sent_and_its_intervention_reported(emulator: Emulato
         frames = await client.chat("g", f"{marker} [[emulator:guardrail=intervene]] [[emulator:after=2]]")
         await client.close()
         scrape = server.hub_app.state.services.metrics.render().decode()
-    sent = (await requests_with(emulator, marker))[-1]["body"]
+    sent = (await emulator.requests_with(marker))[-1]["body"]
     assert sent["guardrailConfig"] == {
         "guardrailIdentifier": "gr-123",
         "guardrailVersion": "2",

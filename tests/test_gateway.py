@@ -259,12 +259,6 @@ async def test_cancel_of_a_finished_request_is_stream_not_found(
         await client.close()
 
 
-async def requests_with(emulator: EmulatorServer, marker: str) -> list[dict[str, Any]]:
-    async with httpx.AsyncClient() as http:
-        records: list[dict[str, Any]] = (await http.get(f"{emulator.url}/_emulator/requests")).json()
-    return [r for r in records if marker in json.dumps(r["body"])]
-
-
 async def test_a_reused_id_in_memory_is_refused_with_seq_0_before_bedrock_is_asked(
     emulator: EmulatorServer, mint: Mint
 ) -> None:
@@ -277,7 +271,7 @@ async def test_a_reused_id_in_memory_is_refused_with_seq_0_before_bedrock_is_ask
         client.by_id.pop(request_id)
         again = await client.chat(request_id, f"{request_id} [[emulator:tokens=2]]")
         assert [(f["type"], f.get("code"), f["seq"]) for f in again] == [("error", "duplicate_id", 0)]
-        assert len(await requests_with(emulator, request_id)) == 1  # the duplicate never reached Bedrock
+        assert len(await emulator.requests_with(request_id)) == 1  # the duplicate never reached Bedrock
         await client.close()
 
 
@@ -290,7 +284,7 @@ async def test_a_stall_before_the_first_token_is_retried(emulator: EmulatorServe
         marker = f"stall{time.time_ns()}"
         frames = await client.chat("s0", f"{marker} [[emulator:fault=stall]] [[emulator:after=0]]")
         assert [(f["type"], f.get("code"), f["seq"]) for f in frames] == [("error", "upstream_timeout", 0)]
-        assert len(await requests_with(emulator, marker)) == 2
+        assert len(await emulator.requests_with(marker)) == 2
         await client.close()
 
 

@@ -28,7 +28,6 @@ from tests.support.sts_proxy import StsProxy
 from tests.support.tcp_proxy import TcpProxy
 from tests.test_routes import (
     MODEL,
-    emulator_requests,
     moto_assumed,
     reply,
     role,
@@ -133,7 +132,7 @@ async def test_a_changed_role_route_closes_the_old_client_and_its_refresher(
         text, _ = await reply(routes, "mover", new_route, "after-the-change hi")
         assert text
         [assumed] = await moto_assumed(moto_server, new_route.role_arn or "")
-        [record] = await emulator_requests(emulator, "after-the-change ")
+        [record] = await emulator.requests_with("after-the-change ")
         assert record["access_key_id"] == assumed["access_key_id"]
         assert [t.done() for t in refreshers("mover")] == [False]
         assert routes.clients == 2  # the hub's and the new route's
@@ -289,7 +288,7 @@ async def test_a_reloaded_route_serves_new_requests_while_a_running_stream_ends_
 
     assert follower.done()  # stopped with the gateway
     assert new_frames[-1]["type"] == "end"
-    assert len(await emulator_requests(second_emulator, "new-route ")) == 1
+    assert len(await second_emulator.requests_with("new-route ")) == 1
     assert old_frames[-1]["type"] == "end" and old_frames[-1]["stop_reason"] == "end_turn"
     assert len(text_of(old_frames).split()) == 30
-    assert len(await emulator_requests(emulator, "old-route ")) == 1
+    assert len(await emulator.requests_with("old-route ")) == 1

@@ -59,12 +59,6 @@ async def moto_assumed(moto: MotoServer, role_arn: str) -> list[dict[str, Any]]:
     return [r for r in data.get("sts", {}).get("AssumedRole", []) if r["role_arn"] == role_arn]
 
 
-async def emulator_requests(emulator: EmulatorServer, marker: str) -> list[dict[str, Any]]:
-    async with httpx.AsyncClient() as http:
-        records: list[dict[str, Any]] = (await http.get(f"{emulator.url}/_emulator/requests")).json()
-    return [r for r in records if marker in str(r["body"])]
-
-
 def tenants_file(tmp_path: Path, tenants: dict[str, dict[str, Any]]) -> str:
     document = {
         "tenants": {
@@ -124,7 +118,7 @@ async def reply(routes: RouteClients, tenant: str, route: Route | None, text: st
 
 
 async def key_used(emulator: EmulatorServer, marker: str) -> dict[str, Any]:
-    [record] = await emulator_requests(emulator, marker)
+    [record] = await emulator.requests_with(marker)
     return record
 
 
@@ -280,13 +274,13 @@ async def test_assumed_role_credentials_sign_the_spoke_tenants_requests(
     [assumed] = await moto_assumed(moto_server, spoke_role)
     assert assumed["access_key_id"].startswith("ASIA")
 
-    spoke_records = await emulator_requests(emulator, f"{marker}-spoke-")
+    spoke_records = await emulator.requests_with(f"{marker}-spoke-")
     assert len(spoke_records) == 12
     for record in spoke_records:
         assert record["access_key_id"] == assumed["access_key_id"]
         assert record["security_token_present"] is True
     for suffix in ("hub", "same"):
-        [record] = await emulator_requests(emulator, f"{marker}-{suffix} ")
+        [record] = await emulator.requests_with(f"{marker}-{suffix} ")
         assert record["access_key_id"] == hub_key()
         assert record["security_token_present"] is False
 
@@ -322,7 +316,7 @@ async def test_sts_refusal_is_an_upstream_error_frame_and_other_tenants_go_on(
         assert frames[0]["message"] == "cannot assume the tenant's role"
         assert ACCOUNT not in str(frames) and "arn:" not in str(frames)
     assert len(sts.calls_for(refused_role)) == 1
-    assert await emulator_requests(emulator, f"{marker} ") == []
+    assert await emulator.requests_with(f"{marker} ") == []
     assert good_frames[-1]["type"] == "end" and hub_frames[-1]["type"] == "end"
     [assumed] = await moto_assumed(moto_server, good_role)
     assert (await key_used(emulator, f"{marker}-good"))["access_key_id"] == assumed["access_key_id"]
@@ -349,10 +343,10 @@ async def test_route_endpoint_and_region_override_the_hubs(
             await client.close()
 
     for tenant in ("vpce", "vpce2"):
-        [record] = await emulator_requests(second_emulator, f"{marker}-{tenant} ")
+        [record] = await second_emulator.requests_with(f"{marker}-{tenant} ")
         assert record["access_key_id"] == hub_key()  # no role: the hub's own credentials
-        assert await emulator_requests(emulator, f"{marker}-{tenant} ") == []
-    assert len(await emulator_requests(emulator, f"{marker}-hubonly ")) == 1
+        assert await emulator.requests_with(f"{marker}-{tenant} ") == []
+    assert len(await emulator.requests_with(f"{marker}-hubonly ")) == 1
     assert sts.calls == []
 
 

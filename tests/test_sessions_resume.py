@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,12 +20,6 @@ from tests.support.gateway_server import GatewayProcess, free_port, gateway_sett
 from tests.support.redis_server import RedisServer
 
 Mint = Callable[..., str]
-
-
-async def emulator_requests(emulator: EmulatorServer, marker: str) -> list[dict[str, Any]]:
-    async with httpx.AsyncClient() as http:
-        records: list[dict[str, Any]] = (await http.get(f"{emulator.url}/_emulator/requests")).json()
-    return [r for r in records if marker in json.dumps(r["body"])]
 
 
 def reply_words(tag: str, n: int) -> str:
@@ -67,7 +60,7 @@ async def test_session_lifecycle_and_history_upstream(
             assert frames[0]["session"] == session and frames[-1]["type"] == "end"
             replies.append(text_of(frames))
 
-        sent = await emulator_requests(emulator, marker)
+        sent = await emulator.requests_with(marker)
         assert [len(r["body"]["messages"]) for r in sent] == [1, 3, 5]
         third = sent[-1]["body"]
         assert third["system"] == [{"text": "You are terse."}]
@@ -95,7 +88,7 @@ async def test_history_is_trimmed_to_the_newest_turns(emulator: EmulatorServer, 
         marker = f"trim{time.time_ns()}"
         for turn in range(4):
             await client.chat(f"t{turn}", f"{marker} n{turn} [[emulator:tokens=2]]", session=session)
-        sent = await emulator_requests(emulator, marker)
+        sent = await emulator.requests_with(marker)
         last = sent[-1]["body"]
         texts = [m["content"][0]["text"] for m in last["messages"] if m["role"] == "user"]
         # Two stored turns (n1, n2) plus the new one; the oldest went, the system prompt stayed.

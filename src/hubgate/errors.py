@@ -54,6 +54,7 @@ class GatewayError(Exception):
     """Base of every error hubgate reports to a client."""
 
     code: str = "internal_error"
+    retry_after: float | None = None  # seconds a client should wait before trying again, if known
 
     def __init__(self, message: str = "") -> None:
         super().__init__(message or self.code.replace("_", " "))

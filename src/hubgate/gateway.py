@@ -308,7 +308,7 @@ class Connection:
                             exc.code,
                             exc.message,
                             request_id=protocol.request_id_of(raw),
-                            retry_after=getattr(exc, "retry_after", None),
+                            retry_after=exc.retry_after,
                         )
                     )
         except _Closed:

@@ -104,6 +104,11 @@ class EmulatorServer:
         records: list[dict[str, Any]] = self.get_json("/_emulator/requests")
         return records
 
+    async def requests_with(self, marker: str) -> list[dict[str, Any]]:
+        """The recorded model requests whose body contains ``marker`` (fetched off the event loop)."""
+        records = await asyncio.to_thread(self.requests)
+        return [r for r in records if marker in json.dumps(r["body"])]
+
     def streams(self) -> dict[str, int]:
         """``GET /_emulator/streams``: active, completed, client_disconnected, faulted."""
         counters: dict[str, int] = self.get_json("/_emulator/streams")
